@@ -1,0 +1,49 @@
+# Everyday commands. `make install` is idempotent: quick when nothing changed.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.install-stamp
+DEBIAN_DEPS := pkg-config libturbojpeg0-dev libopencv-dev
+PYTEST_ARGS ?= -m "not slow"
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install test test-all lint bench demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@# FFCV builds from source and needs these Debian packages (installed only when missing and we are root).
+	@missing=$$(for p in $(DEBIAN_DEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "apt-get install $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "Missing Debian packages for FFCV: $$missing (run as root or: sudo apt-get install $$missing)"; exit 1; fi; \
+	fi
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	@# torch first: ffcv's source build imports numpy/torch-free setup but pip resolves faster this way.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q numpy cython pkgconfig
+	$(BIN)/pip install -q --no-build-isolation -e ".[ffcv,sklearn,launch,dev]"
+	@touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all:
+	$(MAKE) test PYTEST_ARGS="-m 'slow or not slow'"
+
+lint: install
+	$(BIN)/ruff check focalnet data scripts tests train.py eval.py
+
+bench: install
+	$(BIN)/python scripts/bench_model.py
+	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_data.py
+
+demo: install
+	$(BIN)/python train.py experiment=demo
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,148 @@
+"""The loader contract between ``data`` and ``focalnet.engine``.
+
+``build_loaders(data_cfg, aug_cfg, rank=, world_size=, seed=)`` returns :class:`Loaders`:
+
+* ``train``: an :class:`EpochLoader`-like object. ``len(train)`` is the number of batches per epoch on
+  this rank (identical on every rank). ``train.set_epoch(epoch, start_batch)`` fixes the epoch's sample
+  order (a function of ``seed`` and ``epoch`` only) and makes the next iteration start at batch
+  ``start_batch``: this is how a run resumes exactly in the middle of an epoch.
+* ``val``: iterates over every validation sample exactly once across all ranks (no padding, no dropped
+  samples), so counts summed over ranks equal the size of the validation set.
+* Batches are ``(images, targets)``: float tensors (B, C, H, W), normalized; int64 class indices.
+  Mixup/CutMix is *not* applied here: the engine applies it on batches, for every pipeline alike.
+* ``stats()`` on a loader returns counters such as ``{"skipped_images": n}`` (may be empty).
+
+Builders are registered by ``data.name`` with :func:`register_builder`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+Builder = Callable[..., "Loaders"]
+_BUILDERS: dict[str, Builder] = {}
+
+
+@dataclass
+class Loaders:
+    train: Any
+    val: Any
+    num_classes: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def register_builder(name: str) -> Callable[[Builder], Builder]:
+    def deco(fn: Builder) -> Builder:
+        _BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def _import_builders() -> None:
+    # Import for the registration side effect; optional backends (FFCV) register lazily inside.
+    import data.synthetic  # noqa: F401
+
+    for mod in ("data.folder", "data.ffcv_loader", "data.digits"):
+        try:
+            __import__(mod)
+        except ModuleNotFoundError as e:  # the module itself is absent (not a missing dependency inside it)
+            if e.name != mod:
+                raise
+
+
+def build_loaders(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+    _import_builders()
+    name = data_cfg.name
+    if name not in _BUILDERS:
+        raise ValueError(f"data.name={name!r} is not a known dataset; choose one of {sorted(_BUILDERS)}")
+    return _BUILDERS[name](data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's augmentation in one epoch, independent of workers and resume point."""
+    h = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class ResumableDistributedSampler(Sampler):
+    """Shuffled (or sequential) distributed sampler whose order depends only on (seed, epoch).
+
+    Yields ``(index, sample_seed)`` pairs so datasets can seed per-sample augmentation, which keeps
+    augmentation identical whatever the number of workers or the batch a run resumed from.
+    Training mode pads to a multiple of ``world_size * batch_size`` and drops the remainder so every rank
+    sees the same number of full batches; evaluation mode shards ``rank::world_size`` without padding.
+    """
+
+    def __init__(self, size: int, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, train: bool = True):
+        if size <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
+        self.seed, self.shuffle, self.train = seed, shuffle, train
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def num_batches(self) -> int:
+        if self.train:
+            per_rank = -(-self.size // self.world_size)
+            return max(per_rank // self.batch_size, 1)
+        return -(-len(range(self.rank, self.size, self.world_size)) // self.batch_size)
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        if not self.train:
+            return order[self.rank :: self.world_size]
+        per_rank = -(-self.size // self.world_size)
+        total = per_rank * self.world_size
+        order = (order * (-(-total // self.size)))[:total]
+        mine = order[self.rank :: self.world_size]
+        return mine[: self.num_batches() * self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        idx = self._indices()[self.start_batch * self.batch_size :]
+        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in idx])
+
+    def __len__(self) -> int:
+        return max(len(self._indices()) - self.start_batch * self.batch_size, 0)
+
+
+class EpochLoader:
+    """A ``torch.utils.data.DataLoader`` over a map-style dataset taking ``(index, seed)`` keys."""
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, rank: int, world_size: int, seed: int,
+                 train: bool, num_workers: int = 0, pin_memory: bool = False, collate_fn=None,
+                 persistent_workers: bool = False):
+        self.dataset = dataset
+        self.sampler = ResumableDistributedSampler(
+            len(dataset), batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+            shuffle=train, train=train)
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+            drop_last=False, pin_memory=pin_memory, collate_fn=collate_fn,
+            persistent_workers=persistent_workers and num_workers > 0)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return self.sampler.num_batches()
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def stats(self) -> dict[str, int]:
+        fn = getattr(self.dataset, "stats", None)
+        return fn() if fn else {}
