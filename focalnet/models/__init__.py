@@ -1,0 +1,8 @@
+"""FocalNet and DAT models, the registry, and checkpoint loading/conversion."""
+
+from focalnet.models import dat  # noqa: F401  (registers dat_* models)
+from focalnet.models.checkpoint import load_checkpoint
+from focalnet.models.focalnet import FocalModulation, FocalNet
+from focalnet.models.registry import create_model, list_models, register_model
+
+__all__ = ["FocalModulation", "FocalNet", "create_model", "list_models", "load_checkpoint", "register_model"]
