@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	fi
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	@# torch first: ffcv's source build imports numpy/torch-free setup but pip resolves faster this way.
+	@# torch from the local wheels first; ffcv is built against the installed numpy (no build isolation).
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q numpy cython pkgconfig
 	$(BIN)/pip install -q --no-build-isolation -e ".[ffcv,sklearn,launch,dev]"
