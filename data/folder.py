@@ -1,0 +1,291 @@
+"""Image-file datasets: ``data=imagenet1k``, ``data=imagenet22k`` and ``data=folder`` (any ImageFolder).
+
+Layouts
+-------
+* ImageFolder: ``<data.root>/<data.train_split>/<class>/<image>`` and the same under ``data.val_split``.
+  Class indices follow the sorted folder names (for ImageNet-1K wnids this is the standard 1K order).
+* ImageNet-22K (fall11) as folders: extract ``fall11_whole.tar`` (one ``<wnid>.tar`` per synset, 21841
+  synsets, ~14.2M images) so that each synset tar lands in ``<data.root>/train/<wnid>/``::
+
+      mkdir -p $ROOT/train && cd $ROOT/train && tar xf /path/fall11_whole.tar
+      for t in n*.tar; do mkdir -p "${t%.tar}" && tar xf "$t" -C "${t%.tar}" && rm "$t"; done
+
+  Labels are the synsets' positions in FocalNet's 21842-way head, ``timm.data.ImageNetInfo('imagenet22k_ms')``
+  (``data.label_layout=imagenet22k_ms``; the first 1000 indices are ImageNet-1K), so a 22K-pretrained
+  head maps to 1K by slicing. ``data.label_layout=sorted`` uses sorted folder order instead.
+  fall11 has no validation split: ``data.val_count=N`` holds out N training images (a fixed choice,
+  independent of the run's seed), or point ``data.val_split`` / ``data.val_map`` at your own.
+* Swin/FocalNet map files: ``data.train_map`` / ``data.val_map`` name text files (relative to
+  ``data.root``) with one ``relative/path<TAB>label`` per line; paths are relative to
+  ``data.root/data.image_dir``. Labels are taken as written.
+
+Every dataset yields ``(uint8 image (3, S, S), label, sample seed)``; :class:`FolderEpochLoader` turns
+batches into the contract's normalized float batches (see :mod:`data.transforms`). Unreadable images are
+skipped, counted in shared memory (workers are processes) and replaced deterministically by the next
+index, so every rank keeps the same batch count and size.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from data.loaders import EpochLoader, Loaders, register_builder
+from data.transforms import (
+    BadImage,
+    BatchFinisher,
+    EvalSampleTransform,
+    TrainSampleTransform,
+    open_image,
+    seeded,
+)
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_MAX_REPLACEMENTS = 64
+Sample = tuple[str, int]
+
+
+class DataConfigError(ValueError):
+    """A data config that cannot work (missing root, empty split, class-count mismatch)."""
+
+
+# ----------------------------------------------------------------------------------------------- scanning
+def require_root(data_cfg) -> str:
+    root = data_cfg.get("root")
+    if not root:
+        raise DataConfigError(
+            f"data.root is not set for data={data_cfg.name}: pass data.root=/path/to/dataset"
+            + (" (or set IMAGENET_ROOT)" if str(data_cfg.name).startswith("imagenet") else ""))
+    root = os.path.expanduser(str(root))
+    if not os.path.isdir(root):
+        raise DataConfigError(f"data.root={root}: no such directory")
+    return root
+
+
+def list_classes(split_dir: str, key: str) -> list[str]:
+    """Sorted class folder names under ``split_dir``; ``key`` names the config key for the message."""
+    if not os.path.isdir(split_dir):
+        raise DataConfigError(f"{key}: no such directory {split_dir}")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataConfigError(f"{key}: {split_dir} has no class folders (expected {split_dir}/<class>/<image>)")
+    return classes
+
+
+def count_classes(root: str | None, split: str = "train") -> int:
+    """OmegaConf resolver ``${folder_num_classes:${data.root},${data.train_split}}`` for ``data=folder``."""
+    if not root:
+        raise DataConfigError("data.root is not set: data=folder infers data.num_classes from data.root")
+    return len(list_classes(os.path.join(os.path.expanduser(str(root)), str(split)),
+                            "data.root/data.train_split"))
+
+
+def scan_folder(split_dir: str, key: str, class_to_idx: dict[str, int] | None = None) -> tuple[list[str], list[Sample]]:
+    """``split_dir/<class>/<image>`` -> (class names, [(path, label)]) in a deterministic order."""
+    classes = list_classes(split_dir, key)
+    if class_to_idx is None:
+        class_to_idx = {c: i for i, c in enumerate(classes)}
+    else:
+        unknown = [c for c in classes if c not in class_to_idx]
+        if unknown:
+            raise DataConfigError(f"{key}: {len(unknown)} folders in {split_dir} are not in the label layout "
+                                  f"(data.label_layout), e.g. {unknown[:3]}")
+    samples: list[Sample] = []
+    for c in classes:
+        d = os.path.join(split_dir, c)
+        files = sorted(e.name for e in os.scandir(d) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        samples += [(os.path.join(d, f), class_to_idx[c]) for f in files]
+    if not samples:
+        raise DataConfigError(f"{key}: no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}")
+    return classes, samples
+
+
+def read_map_file(map_path: str, image_root: str, key: str) -> list[Sample]:
+    """Swin/FocalNet map file: ``relative/path<TAB>label`` per line (whitespace also accepted)."""
+    if not os.path.isfile(map_path):
+        raise DataConfigError(f"{key}: no such map file {map_path}")
+    samples: list[Sample] = []
+    with open(map_path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t") if "\t" in line else line.rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
+                raise DataConfigError(f"{key}: {map_path}:{n}: expected 'path<TAB>label', got {line!r}")
+            samples.append((os.path.join(image_root, parts[0]), int(parts[1])))
+    if not samples:
+        raise DataConfigError(f"{key}: map file {map_path} is empty")
+    return samples
+
+
+def imagenet22k_class_to_idx(layout: str) -> dict[str, int]:
+    """wnid -> index in FocalNet's 22K head (``imagenet22k_ms``: 21842 classes, 1K classes first)."""
+    from timm.data import ImageNetInfo
+
+    return {s: i for i, s in enumerate(ImageNetInfo(layout).label_names())}
+
+
+def hold_out(samples: list[Sample], count: int, key: str) -> tuple[list[Sample], list[Sample]]:
+    """Split ``count`` samples off for validation with a fixed generator (the same for every run and rank)."""
+    if not 0 < count < len(samples):
+        raise DataConfigError(f"{key}={count} must be between 1 and the training set size - 1 ({len(samples) - 1})")
+    perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(20_211_102)).tolist()
+    val_idx = set(perm[:count])
+    train = [s for i, s in enumerate(samples) if i not in val_idx]
+    val = [s for i, s in enumerate(samples) if i in val_idx]
+    return train, val
+
+
+def check_num_classes(data_cfg, found: int, where: str) -> int:
+    expected = data_cfg.get("num_classes")
+    if expected is not None and int(expected) != found:
+        raise DataConfigError(
+            f"{where} has {found} classes but data.num_classes={expected} (model.num_classes defaults to it); "
+            f"set data.num_classes={found} or fix data.root")
+    return found
+
+
+def check_labels(samples: Sequence[Sample], num_classes: int, where: str) -> None:
+    bad = [lab for _, lab in samples if not 0 <= lab < num_classes]
+    if bad:
+        raise DataConfigError(f"{where}: label {bad[0]} outside [0, data.num_classes={num_classes})")
+
+
+# ----------------------------------------------------------------------------------------------- dataset
+class ImageFileDataset(Dataset):
+    """A list of ``(path, label)`` decoded robustly and augmented with per-sample seeds.
+
+    ``__getitem__((index, seed))`` returns ``(uint8 (3, S, S), label, seed)``. A file that cannot be
+    decoded is logged, counted and replaced by the next index (its seed derived from the original), so the
+    output depends only on the key: identical across workers, ranks and resumes.
+    """
+
+    def __init__(self, samples: list[Sample], transform, *, name: str = "dataset"):
+        self.samples, self.transform, self.name = samples, transform, name
+        # Shared memory: workers are separate processes, and the count must reach the main process.
+        self._skipped = mp.get_context().Value("q", 0)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (int(key), 0)
+        for attempt in range(_MAX_REPLACEMENTS):
+            path, label = self.samples[index]
+            try:
+                with seeded(seed):
+                    image = self.transform(open_image(path))
+                return image, label, seed
+            except BadImage as e:
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                log.warning("%s: skipping unreadable image %s (%s)", self.name, path, e)
+                index = (index + 1) % len(self.samples)
+                seed = (seed * 6364136223846793005 + attempt + 1) & ((1 << 63) - 1)
+        raise RuntimeError(f"{self.name}: {_MAX_REPLACEMENTS} unreadable images in a row near {path}")
+
+    def stats(self) -> dict[str, int]:
+        return {"skipped_images": int(self._skipped.value)}
+
+
+class FolderEpochLoader(EpochLoader):
+    """:class:`EpochLoader` whose uint8 batches are normalized (and erased, in training) by a finisher."""
+
+    def __init__(self, dataset: ImageFileDataset, finisher: BatchFinisher, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.finisher = finisher
+
+    def __iter__(self):
+        for images, targets, seeds in self.loader:
+            yield self.finisher(images, seeds), targets
+
+
+def make_loaders(train_samples: list[Sample], val_samples: list[Sample], num_classes: int, data_cfg, aug_cfg,
+                 *, rank: int, world_size: int, seed: int, info: dict | None = None) -> Loaders:
+    size = int(data_cfg.img_size)
+    test_crop = bool(aug_cfg.get("test_crop", True)) if aug_cfg is not None else True
+    interp = (aug_cfg.get("interpolation", "bicubic") if aug_cfg is not None else "bicubic") or "bicubic"
+    train_ds = ImageFileDataset(train_samples, TrainSampleTransform(aug_cfg, size), name=f"{data_cfg.name}/train")
+    val_ds = ImageFileDataset(val_samples, EvalSampleTransform(size, test_crop, interp), name=f"{data_cfg.name}/val")
+    workers = int(data_cfg.get("num_workers", 0))
+    common = dict(batch_size=int(data_cfg.batch_size), rank=rank, world_size=world_size, seed=seed,
+                  num_workers=workers, persistent_workers=bool(data_cfg.get("persistent_workers", True)))
+    return Loaders(
+        train=FolderEpochLoader(train_ds, BatchFinisher(aug_cfg, train=True), train=True, **common),
+        val=FolderEpochLoader(val_ds, BatchFinisher(aug_cfg, train=False), train=False, **common),
+        num_classes=num_classes,
+        info={"train_size": len(train_ds), "val_size": len(val_ds), **(info or {})},
+    )
+
+
+def _split_paths(data_cfg, root: str) -> tuple[str, str]:
+    return (os.path.join(root, str(data_cfg.get("train_split", "train"))),
+            os.path.join(root, str(data_cfg.get("val_split", "val"))))
+
+
+@register_builder("imagenet1k")
+@register_builder("folder")
+def build_folder(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+    """ImageFolder train/val splits; ``data.val_count`` holds out a val set when there is no val folder."""
+    root = require_root(data_cfg)
+    train_dir, val_dir = _split_paths(data_cfg, root)
+    classes, train = scan_folder(train_dir, "data.root/data.train_split")
+    num_classes = check_num_classes(data_cfg, len(classes), f"data.root/data.train_split ({train_dir})")
+    val_count = int(data_cfg.get("val_count", 0) or 0)
+    if val_count > 0:
+        train, val = hold_out(train, val_count, "data.val_count")
+    elif os.path.isdir(val_dir):
+        _, val = scan_folder(val_dir, "data.root/data.val_split", {c: i for i, c in enumerate(classes)})
+    else:
+        raise DataConfigError(f"data.root/data.val_split: no such directory {val_dir} "
+                              "(add it, or hold out training images with data.val_count=N)")
+    return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed,
+                        info={"classes": classes})
+
+
+def imagenet22k_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
+    """(train, val, num_classes) for ``data=imagenet22k`` from map files or synset folders."""
+    root = require_root(data_cfg)
+    num_classes = int(data_cfg.num_classes)
+    image_root = os.path.join(root, str(data_cfg.get("image_dir") or ""))
+    val: list[Sample] | None = None
+    if data_cfg.get("train_map"):
+        train = read_map_file(os.path.join(root, str(data_cfg.train_map)), image_root, "data.train_map")
+        if data_cfg.get("val_map"):
+            val = read_map_file(os.path.join(root, str(data_cfg.val_map)), image_root, "data.val_map")
+    else:
+        layout = data_cfg.get("label_layout") or "sorted"
+        train_dir, val_dir = _split_paths(data_cfg, root)
+        if layout == "sorted":
+            classes, train = scan_folder(train_dir, "data.root/data.train_split")
+            class_to_idx = {c: i for i, c in enumerate(classes)}
+            check_num_classes(data_cfg, len(classes), f"data.root/data.train_split ({train_dir})")
+        else:
+            class_to_idx = imagenet22k_class_to_idx(layout)
+            check_num_classes(data_cfg, len(class_to_idx), f"data.label_layout={layout}")
+            _, train = scan_folder(train_dir, "data.root/data.train_split", class_to_idx)
+        if os.path.isdir(val_dir) and not data_cfg.get("val_count"):
+            _, val = scan_folder(val_dir, "data.root/data.val_split", class_to_idx)
+    if val is None:
+        count = int(data_cfg.get("val_count") or 0)
+        if count <= 0:
+            raise DataConfigError("data=imagenet22k has no validation split: set data.val_count=N to hold out "
+                                  "N training images, or data.val_map / data.val_split")
+        train, val = hold_out(train, count, "data.val_count")
+    check_labels(train, num_classes, "data.train_map/data.train_split")
+    check_labels(val, num_classes, "data.val_map/data.val_split")
+    return train, val, num_classes
+
+
+@register_builder("imagenet22k")
+def build_imagenet22k(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+    train, val, num_classes = imagenet22k_samples(data_cfg)
+    return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)

@@ -1,0 +1,242 @@
+"""The FocalNet augmentation recipe, split so every pipeline (folder, ImageNet-22K, FFCV) applies it alike.
+
+The official recipe is timm's ``create_transform(is_training=True, auto_augment='rand-m9-mstd0.5-inc1',
+re_prob=0.25, re_mode='pixel', color_jitter=0.4, interpolation='bicubic')``: RandomResizedCrop -> flip ->
+RandAugment (color jitter is off whenever RandAugment is on, as in timm) -> to tensor -> normalize ->
+RandomErasing. We keep timm's objects for every random decision and split the work in three stages:
+
+1. ``TrainSampleTransform`` (per sample, in a loader worker): robust decode, RandomResizedCrop, flip and
+   RandAugment, giving a ``uint8`` (3, H, W) tensor. The crop is resized by torch's antialiased bicubic
+   kernel on ``uint8`` (about 3x faster than PIL's here, same filter) after libjpeg DCT-domain downscaling
+   (PIL ``draft``) whenever the crop is at least twice the output size. The FFCV path decodes and crops in
+   FFCV and runs only ``augment_array`` (flip + RandAugment) here.
+2. Batches travel as ``uint8``: 4x less inter-process traffic than float.
+3. ``BatchFinisher`` (main process, per batch): normalize, then timm ``RandomErasing`` per sample.
+
+Every random draw is made under :func:`seeded` with the sample's seed from the sampler, so augmentation
+depends only on ``(seed, epoch, index)``, never on the worker, the process count or the resume point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageFile
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import str_to_interp_mode
+
+# Truncated files must fail loudly (and be skipped and counted), not decode to half-grey images.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class BadImage(Exception):
+    """An image file that cannot be decoded (corrupt, truncated, empty); the dataset skips and counts it."""
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed Python, NumPy and torch (CPU) RNGs for one sample, restoring the caller's states afterwards.
+
+    timm's transforms draw from all three global generators. Restoring matters when this runs in the
+    main process (``num_workers=0``, the FFCV finisher): the training loop's RNG stream stays untouched.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: CMYK, grayscale (L, LA, 1), palette (P), RGBA, and 16/32-bit (I;16, I, F)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit PNGs: convert('RGB') would clip at 255; scale the real range down to 8 bits instead.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        return img.convert("RGBA").convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(path_or_bytes) -> Image.Image:
+    """Open (header only) whatever format the bytes hold: a PNG named ``.JPEG`` opens as the PNG it is."""
+    try:
+        if isinstance(path_or_bytes, bytes | bytearray | memoryview):
+            data = bytes(path_or_bytes)
+        else:
+            with open(path_or_bytes, "rb") as f:
+                data = f.read()
+        if not data:
+            raise BadImage("zero-byte file")
+        return Image.open(io.BytesIO(data))
+    except BadImage:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadImage(f"{type(e).__name__}: {e}") from e
+
+
+def decode_rgb(img: Image.Image, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an opened image to RGB, optionally letting libjpeg downscale in the DCT domain first.
+
+    ``draft_size`` is the smallest (w, h) the caller needs: PIL picks the largest 1/2, 1/4, 1/8 reduction
+    that keeps the image at least that big, so quality is unchanged while decode work shrinks.
+    """
+    try:
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", draft_size)
+        img.load()
+        return to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadImage(f"{type(e).__name__}: {e}") from e
+
+
+def load_rgb(path_or_bytes) -> Image.Image:
+    """Read and fully decode one image to RGB, or raise :class:`BadImage`."""
+    return decode_rgb(open_image(path_or_bytes))
+
+
+def _pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    # (H, W, 3) uint8 -> (3, H, W); np.array copies so the tensor owns writable memory.
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def _aug_get(aug_cfg, key, default):
+    if aug_cfg is None:
+        return default
+    value = aug_cfg.get(key, default) if hasattr(aug_cfg, "get") else getattr(aug_cfg, key, default)
+    return default if value is None and default is not None else value
+
+
+def timm_train_stages(aug_cfg, img_size: int):
+    """timm's (primary, secondary) train transforms for ``aug_cfg``: [RRC, flip] and [RandAugment | jitter].
+
+    The final stage (to tensor, normalize, erasing) is ours: see :class:`BatchFinisher`.
+    """
+    auto_augment = _aug_get(aug_cfg, "auto_augment", None)
+    primary, secondary, _ = create_transform(
+        img_size, is_training=True, auto_augment=auto_augment or None,
+        color_jitter=float(_aug_get(aug_cfg, "color_jitter", 0.0) or 0.0) or None,
+        interpolation=_aug_get(aug_cfg, "interpolation", "bicubic"),
+        re_prob=0.0, use_prefetcher=True, separate=True)
+    return primary, secondary
+
+
+class TrainSampleTransform:
+    """Opened image -> uint8 (3, S, S): RandomResizedCrop (+draft), flip, RandAugment. Call under ``seeded``."""
+
+    def __init__(self, aug_cfg, img_size: int):
+        primary, secondary = timm_train_stages(aug_cfg, img_size)
+        self.rrc = primary.transforms[0]          # timm RandomResizedCropAndInterpolation
+        self.flips = primary.transforms[1:]       # torchvision RandomHorizontalFlip(0.5)
+        self.secondary = secondary                # RandAugment (PIL), or ColorJitter when aug has no AA
+        self.size = tuple(self.rrc.size)          # (H, W)
+
+    def _interpolation(self):
+        interp = self.rrc.interpolation
+        # timm draws the interpolation after the crop box when it is 'random'; keep that RNG order.
+        return random.choice(interp) if isinstance(interp, list | tuple) else interp  # a torchvision mode
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        # Crop box on the full-resolution grid (PIL knows the size from the header, before decoding).
+        top, left, h, w = self.rrc.get_params(img, self.rrc.scale, self.rrc.ratio)
+        interp = self._interpolation()
+        full_w, full_h = img.size
+        out_h, out_w = self.size
+        reduce = 1
+        while reduce < 8 and h >= 2 * reduce * out_h and w >= 2 * reduce * out_w:
+            reduce *= 2
+        draft = (math.ceil(full_w / reduce), math.ceil(full_h / reduce)) if reduce > 1 else None
+        rgb = decode_rgb(img, draft)
+        sx, sy = rgb.size[0] / full_w, rgb.size[1] / full_h  # 1, 1/2, 1/4 or 1/8 after a draft
+        x = _pil_to_uint8_tensor(rgb)  # (3, h', w') uint8
+        top, left = int(top * sy), int(left * sx)
+        h, w = max(int(round(h * sy)), 1), max(int(round(w * sx)), 1)
+        x = TF.resized_crop(x, top, left, h, w, [out_h, out_w], interpolation=interp, antialias=True)
+        for flip in self.flips:
+            x = flip(x)
+        return self.augment_tensor(x)
+
+    def augment_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, H, W) cropped image -> RandAugment'ed uint8 (3, H, W) (timm's ops work on PIL)."""
+        if not self.secondary.transforms:
+            return x
+        img = Image.fromarray(x.permute(1, 2, 0).numpy())
+        return _pil_to_uint8_tensor(self.secondary(img))
+
+    def augment_array(self, arr: np.ndarray) -> np.ndarray:
+        """FFCV path: an already cropped (H, W, 3) uint8 array -> flip + RandAugment, (H, W, 3) uint8."""
+        img = Image.fromarray(arr)
+        for flip in self.flips:
+            if random.random() < flip.p:  # torchvision draws with torch.rand; the decision is what matters
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.secondary.transforms:
+            img = self.secondary(img)
+        return np.asarray(img, dtype=np.uint8)
+
+
+class EvalSampleTransform:
+    """Opened image -> uint8 (3, S, S), the official eval transform.
+
+    ``test_crop=True``: resize the short side to ``int(256 / 224 * S)`` then center-crop S (the
+    official ``TEST.CROP``); ``test_crop=False`` (384 fine-tunes): resize straight to (S, S).
+    PIL resizes as the official code does; ``draft`` only skips DCT work the resize would discard.
+    """
+
+    def __init__(self, img_size: int, test_crop: bool = True, interpolation: str = "bicubic"):
+        self.size, self.test_crop = int(img_size), bool(test_crop)
+        self.interp = str_to_interp_mode(interpolation if interpolation != "random" else "bicubic")
+        self.resize_to = int(256 / 224 * self.size)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        w, h = img.size
+        if self.test_crop:
+            short = min(w, h)
+            need = (math.ceil(w * self.resize_to / short), math.ceil(h * self.resize_to / short))
+        else:
+            need = (self.size, self.size)
+        rgb = decode_rgb(img, need)
+        if self.test_crop:
+            rgb = TF.center_crop(TF.resize(rgb, self.resize_to, interpolation=self.interp), [self.size])
+        else:
+            rgb = TF.resize(rgb, [self.size, self.size], interpolation=self.interp)
+        return _pil_to_uint8_tensor(rgb)
+
+
+class BatchFinisher:
+    """uint8 (B, 3, H, W) + per-sample seeds -> normalized float batch with per-sample RandomErasing."""
+
+    def __init__(self, aug_cfg=None, *, train: bool, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD):
+        self.mean = torch.tensor([255.0 * m for m in mean]).view(1, 3, 1, 1)
+        self.std = torch.tensor([255.0 * s for s in std]).view(1, 3, 1, 1)
+        reprob = float(_aug_get(aug_cfg, "reprob", 0.0)) if train else 0.0
+        self.erase = None
+        if reprob > 0:
+            self.erase = RandomErasing(probability=reprob, mode=_aug_get(aug_cfg, "remode", "pixel"),
+                                       max_count=int(_aug_get(aug_cfg, "recount", 1)), device="cpu")
+
+    def __call__(self, images: torch.Tensor, seeds: torch.Tensor | Sequence[int] | None) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std  # (B, 3, H, W) float32, normalized
+        if self.erase is not None:
+            for i, s in enumerate(seeds.tolist() if torch.is_tensor(seeds) else seeds):
+                # A seed distinct from the one the worker used, so erasing is independent of the crop.
+                with seeded((int(s) * 0x9E3779B1 + 0x7F4A7C15) & ((1 << 63) - 1)):
+                    x[i] = self.erase(x[i])
+        return x
