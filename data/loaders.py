@@ -132,7 +132,10 @@ class EpochLoader:
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
             drop_last=False, pin_memory=pin_memory, collate_fn=collate_fn,
-            persistent_workers=persistent_workers and num_workers > 0)
+            persistent_workers=persistent_workers and num_workers > 0,
+            # A private generator: starting an iterator draws a worker base seed, which must not consume
+            # the global torch RNG (exact resume restores that RNG mid-epoch, before the iterator exists).
+            generator=torch.Generator().manual_seed(seed))
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)

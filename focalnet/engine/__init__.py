@@ -1,0 +1,13 @@
+"""The training engine: ``train(cfg)`` and the pieces it is made of (reusable by evaluation and scripts).
+
+Modules: ``config`` (validation, derived LRs), ``distributed`` (process group, run id), ``build`` (model,
+optimizer, schedule, loss), ``amp`` (the AMP optimizer step), ``checkpointing``, ``loggers``, ``loop``
+(``train_one_epoch``, ``validate``), ``trainer`` (``train``).
+"""
+
+from focalnet.engine.amp import NonFiniteLossError
+from focalnet.engine.config import ConfigError, validate_config
+from focalnet.engine.trainer import EXIT_PREEMPTED, TrainingPreempted, train
+
+__all__ = ["EXIT_PREEMPTED", "ConfigError", "NonFiniteLossError", "TrainingPreempted", "train",
+           "validate_config"]

@@ -1,0 +1,113 @@
+"""Builders shared by training and evaluation: model, optimizer parameter groups, LR schedule, loss/mixup.
+
+Every builder takes the resolved plain-dict config groups (``cfg["model"]``, ``cfg["optimizer"]``...), so
+``evaluate`` and scripts can reuse them without a Hydra context.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import timm
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
+
+import focalnet
+
+log = logging.getLogger(__name__)
+
+
+def build_model(model_cfg: Mapping) -> nn.Module:
+    """``model.library=focalnet`` -> ``focalnet.create_model``; ``timm`` -> ``timm.create_model`` (no download)."""
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    common = dict(num_classes=model_cfg["num_classes"], drop_path_rate=model_cfg["drop_path_rate"], **kwargs)
+    if model_cfg["library"] == "focalnet":
+        model = focalnet.create_model(model_cfg["name"], **common)
+    elif model_cfg["library"] == "timm":
+        model = timm.create_model(model_cfg["name"], pretrained=False, **common)
+    else:
+        raise ValueError(f"model.library={model_cfg['library']!r}; choose focalnet or timm")
+    if model_cfg.get("grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def init_weights_from(model: nn.Module, path: str, head: str = "auto") -> None:
+    """Fine-tuning start: weights only (no optimizer/step), through ``focalnet.load_checkpoint``."""
+    kwargs = {} if head in ("auto", None) else {"head": head}
+    result = focalnet.load_checkpoint(model, path, **kwargs)
+    log.info("initialized weights from %s (%s)", path, result)
+
+
+def _no_decay(name: str, param: nn.Parameter, skip: set[str]) -> bool:
+    # Norm weights, biases and other 1-D params (layerscale gammas `gamma_1/2` are 1-D too; matched by
+    # name as well in case a variant stores them otherwise) and model-declared names (e.g. pos_embed).
+    leaf = name.rsplit(".", 1)[-1]
+    return param.ndim <= 1 or name.endswith(".bias") or leaf.startswith("gamma") or name in skip
+
+
+def param_groups(model: nn.Module, weight_decay: float, official_no_weight_decay: bool = False) -> list[dict]:
+    """Two groups: decay on weights, none on norms/biases/gammas.
+
+    ``official_no_weight_decay=True`` reproduces microsoft/FocalNet exactly: its ``no_weight_decay_keywords``
+    returns ``{''}``, and ``'' in name`` is always true, so *no* parameter gets weight decay.
+    """
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if official_no_weight_decay:
+        return [{"params": [p for _, p in params], "weight_decay": 0.0, "group": "no_decay"}]
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay = [p for n, p in params if not _no_decay(n, p, skip)]
+    no_decay = [p for n, p in params if _no_decay(n, p, skip)]
+    return [{"params": decay, "weight_decay": weight_decay, "group": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"}]
+
+
+def build_optimizer(model: nn.Module, opt_cfg: Mapping, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, opt_cfg["weight_decay"], opt_cfg.get("official_no_weight_decay", False))
+    if opt_cfg["name"] == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(opt_cfg["betas"]), eps=opt_cfg["eps"])
+    if opt_cfg["name"] == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=opt_cfg["momentum"],
+                               nesterov=opt_cfg.get("nesterov", False))
+    raise ValueError(f"optimizer.name={opt_cfg['name']!r}; choose adamw or sgd")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: Mapping, *, total_steps: int,
+                    steps_per_epoch: int, warmup_lr: float, min_lr: float):
+    """timm schedulers in per-update mode (``t_in_epochs=False``): ``step_update(step)`` after every update.
+
+    ``cosine`` decays from the scaled LR to ``min_lr`` over the steps after warmup; ``step`` multiplies by
+    ``decay_rate`` every ``decay_epochs``; ``constant`` holds the LR after warmup. The LR is a pure function
+    of the step, so resuming only needs the step.
+    """
+    warmup = int(round(sched_cfg["warmup_epochs"] * steps_per_epoch))
+    name = sched_cfg["name"]
+    if name == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=min_lr,
+                                 warmup_t=warmup, warmup_lr_init=warmup_lr, warmup_prefix=True,
+                                 cycle_limit=1, t_in_epochs=False)
+    if name in ("step", "constant"):
+        decay_t = int(round(sched_cfg["decay_epochs"] * steps_per_epoch)) if name == "step" else 1
+        return StepLRScheduler(optimizer, decay_t=max(decay_t, 1),
+                               decay_rate=sched_cfg["decay_rate"] if name == "step" else 1.0,
+                               warmup_t=warmup, warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False)
+    raise ValueError(f"schedule.name={name!r}; choose cosine, step or constant")
+
+
+def build_mixup_and_loss(aug_cfg: Mapping, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+    """timm Mixup/CutMix (label smoothing applied inside, soft targets) or label-smoothing CE."""
+    active = (aug_cfg["mixup"] > 0 or aug_cfg["cutmix"] > 0 or aug_cfg.get("cutmix_minmax") is not None) \
+        and aug_cfg["mixup_prob"] > 0
+    if active:
+        mixup = Mixup(mixup_alpha=aug_cfg["mixup"], cutmix_alpha=aug_cfg["cutmix"],
+                      cutmix_minmax=aug_cfg.get("cutmix_minmax"), prob=aug_cfg["mixup_prob"],
+                      switch_prob=aug_cfg["mixup_switch_prob"], mode=aug_cfg["mixup_mode"],
+                      label_smoothing=aug_cfg["label_smoothing"], num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    if aug_cfg["label_smoothing"] > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=aug_cfg["label_smoothing"])
+    return None, nn.CrossEntropyLoss()

@@ -1,0 +1,147 @@
+"""Process-group setup and the few collectives the engine needs (torchrun-native, env://).
+
+One code path for every launch: a plain ``python train.py`` is world size 1 without a process group;
+``torchrun`` (single node, or multi-node through its rendezvous) exports ``RANK``/``WORLD_SIZE``/
+``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` and we join with ``init_method="env://"``. The backend is
+gloo for CPU tensors and NCCL for CUDA tensors when a GPU exists (one group serves both).
+
+This module also decides the run id that names the run directory, identically on every rank
+(Hydra composes the config on every rank, so ``${now:...}`` would give one directory per rank).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import secrets
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+RUN_ID_ENV = "FOCALNET_RUN_ID"
+_RUN_ID: str | None = None
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_dist_info() -> DistInfo:
+    """Ranks as exported by torchrun (or SLURM-style launchers that set the same variables)."""
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group when launched with several processes; idempotent, no-op for one process."""
+    info = env_dist_info()
+    if info.distributed and not dist.is_initialized():
+        if torch.cuda.is_available():
+            # Each rank owns one GPU; must be set before NCCL creates its communicator.
+            torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+            backend = "cpu:gloo,cuda:nccl"
+        else:
+            backend = "gloo"
+        dist.init_process_group(backend=backend, init_method="env://",
+                                timeout=_dt.timedelta(minutes=int(os.environ.get("FOCALNET_DIST_TIMEOUT_MIN", 30))))
+    return info
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj):
+    """Every rank's ``obj`` as a list indexed by rank (a one-element list without a process group)."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (exact for integer-valued float64 counts)."""
+    if is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (e.g. a preemption signal)."""
+    if not is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _new_run_id() -> str:
+    # Timestamp for humans + 6 random hex digits: two jobs started in the same second never collide.
+    return _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(3)
+
+
+def run_id() -> str:
+    """The run id, identical on every rank; Hydra's ``${run_id:}`` resolver (registered by train.py).
+
+    1. ``FOCALNET_RUN_ID`` when set: a fixed directory, e.g. ``FOCALNET_RUN_ID=$SLURM_JOB_ID`` so that a
+       requeued or restarted job lands in the same run dir and ``trainer.resume=auto`` picks up ``last.pt``.
+    2. Several processes (torchrun): rank 0 proposes ``<timestamp>_<random>`` and broadcasts it over the
+       process group, which is created here (env://) and reused by the training loop.
+    3. One process: ``<timestamp>_<random>``.
+    The value is cached: every resolution in this process (run dir, sweep dir, log file) agrees.
+    """
+    global _RUN_ID
+    if _RUN_ID is None:
+        if os.environ.get(RUN_ID_ENV):
+            _RUN_ID = os.environ[RUN_ID_ENV]
+        elif env_dist_info().distributed:
+            init_distributed()
+            _RUN_ID = broadcast_object(_new_run_id() if dist.get_rank() == 0 else None)
+        else:
+            _RUN_ID = _new_run_id()
+    return _RUN_ID
+
+
+def rank_suffix() -> str:
+    """``""`` on rank 0, ``"_rank<N>"`` elsewhere: per-rank log file names (several ranks, one file = garbage)."""
+    rank = int(os.environ.get("RANK", 0))
+    return "" if rank == 0 else f"_rank{rank}"
+
+
+def register_resolvers() -> None:
+    """Register ``${run_id:}`` and ``${rank_suffix:}`` with OmegaConf (idempotent)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+    OmegaConf.register_new_resolver("rank_suffix", rank_suffix, replace=True)

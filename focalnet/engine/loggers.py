@@ -1,0 +1,137 @@
+"""Run outputs on rank 0: metrics.jsonl, Weights & Biases, the console, and the provenance file.
+
+``RunLogger.log(metrics, step)`` fans one event out to ``metrics.jsonl`` (one JSON object per line) and
+W&B. Other ranks get a logger whose methods do nothing, so call sites need no rank checks.
+
+W&B ``logger.wandb.mode``: ``auto`` is online when an API key is configured (``WANDB_API_KEY`` or a
+``~/.netrc`` entry for the W&B host, as ``wandb login`` writes) and offline otherwise; ``online``,
+``offline`` and ``disabled`` are passed through. Runs live under ``<run_dir>/wandb/``. The run id is chosen
+here (or taken from the checkpoint on resume) and stored in every checkpoint, so a resumed run continues
+the same W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import platform
+import secrets
+import socket
+import string
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy", "pillow", "ffcv")
+
+
+def new_wandb_id() -> str:
+    """8 random lowercase letters/digits, the form W&B uses for run ids."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return "online" if netrc.netrc().authenticators(host) else "offline"
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return "offline"
+
+
+def provenance(cfg: dict, world_size: int, device: str) -> dict:
+    """What produced this run: resolved config, code version, package versions, hardware."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    import torch
+
+    return {
+        "git_sha": git("rev-parse", "HEAD") or None,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "python": sys.version.split()[0],
+        "packages": versions,
+        "world_size": world_size,
+        "device": device,
+        "cuda_device": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": cfg,
+    }
+
+
+class RunLogger:
+    """metrics.jsonl + W&B for rank 0; a no-op everywhere else."""
+
+    def __init__(self, run_dir: Path, cfg: dict, *, enabled: bool, wandb_id: str | None, derived: dict,
+                 prov: dict | None = None):
+        self.enabled, self.run_dir, self.wandb = enabled, Path(run_dir), None
+        self.wandb_id = wandb_id
+        if not enabled:
+            return
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: survives a kill
+        wcfg = cfg["logger"]["wandb"]
+        mode = resolve_wandb_mode(wcfg["mode"])
+        if mode != "disabled":
+            import wandb
+
+            self.wandb_id = wandb_id or new_wandb_id()
+            self.wandb = wandb.init(
+                project=wcfg["project"], entity=wcfg["entity"], name=wcfg["name"], tags=list(wcfg["tags"]),
+                config={**cfg, "derived": derived, "provenance": {k: v for k, v in (prov or {}).items()
+                                                                   if k != "config"}},
+                dir=str(self.run_dir), id=self.wandb_id, resume="allow", mode=mode,
+                settings=wandb.Settings(console="off", quiet=True))
+            log.info("W&B run %s (%s) in %s", self.wandb_id, mode, self.run_dir / "wandb")
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update(values)
+
+    def close(self, failed: bool = False) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)
+            self.wandb = None
+        self.enabled = False
+
+
+def write_run_files(run_dir: Path, prov: dict) -> None:
+    """``provenance.json`` and the resolved ``config.yaml`` in the run directory (rank 0)."""
+    from omegaconf import OmegaConf
+
+    (run_dir / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(prov["config"])))

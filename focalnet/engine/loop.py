@@ -1,0 +1,114 @@
+"""The training epoch and the validation pass: plain functions with explicit arguments.
+
+``train_one_epoch`` runs the micro-batches of one epoch from the resume position, accumulating
+``accum_steps`` micro-batches per optimizer update (DDP gradient sync only on the last one), and after every
+update calls ``after_step`` (logging, checkpoints, preemption, max_steps), which may stop the epoch early.
+``validate`` sums exact counts over ranks: top-1/top-5 correct, loss and sample count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from focalnet.engine.amp import AmpStep
+from focalnet.engine.distributed import all_reduce_sum
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved in every checkpoint. A checkpoint is only written between updates."""
+
+    step: int = 0              # optimizer updates done
+    epoch: int = 0             # current epoch
+    batch_in_epoch: int = 0    # micro-batches of `epoch` consumed
+    best_metric: float | None = None
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    amp: AmpStep,
+    *,
+    criterion: nn.Module,
+    mixup,
+    scheduler,
+    ema,
+    params: list[nn.Parameter],
+    state: TrainState,
+    accum_steps: int,
+    device: torch.device,
+    channels_last: bool = False,
+    ddp: nn.parallel.DistributedDataParallel | None = None,
+    ema_source: nn.Module | None = None,
+    after_step: Callable[[TrainState, torch.Tensor, torch.Tensor], str | None] = lambda *a: None,
+) -> str | None:
+    """Train from ``state.batch_in_epoch`` to the end of the epoch; returns ``after_step``'s stop reason or None.
+
+    The loader must already be positioned (``loader.set_epoch(epoch, state.batch_in_epoch)``). Micro-batches
+    past the last full accumulation group of the epoch are not used, so every update sees the same number.
+    """
+    model.train()
+    n_batches = (len(loader) // accum_steps) * accum_steps
+    loss_sum = torch.zeros((), device=device)  # summed over the micro-batches since the last update
+    batches = iter(loader)
+    for i in range(state.batch_in_epoch, n_batches):
+        images, targets = next(batches)
+        images = images.to(device, non_blocking=True)   # (B, C, H, W)
+        targets = targets.to(device, non_blocking=True)  # (B,) class indices
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if mixup is not None:
+            images, targets = mixup(images, targets)  # targets -> (B, num_classes) soft, label-smoothed
+        last_micro = (i + 1) % accum_steps == 0
+        # Gradients are all-reduced only on the last micro-batch of an update.
+        sync = contextlib.nullcontext() if (ddp is None or last_micro) else ddp.no_sync()
+        with sync:
+            with amp.autocast():
+                logits = model(images)  # (B, num_classes)
+                loss = criterion(logits, targets)
+            amp.backward(loss / accum_steps)
+        loss_sum += loss.detach()
+        state.batch_in_epoch = i + 1
+        if last_micro:
+            grad_norm = amp.step(optimizer, params)
+            state.step += 1
+            if ema is not None:
+                ema.update(ema_source if ema_source is not None else model, step=state.step)
+            scheduler.step_update(num_updates=state.step)
+            stop = after_step(state, loss_sum / accum_steps, grad_norm)
+            loss_sum = torch.zeros((), device=device)
+            if stop:
+                return stop
+    return None
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader, device: torch.device, amp: AmpStep, channels_last: bool = False) -> dict:
+    """Top-1/top-5 accuracy (%) and mean CE loss over the whole validation set, exact across ranks."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with amp.autocast():
+            logits = model(images)  # (B, num_classes)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices.eq(targets[:, None])  # (B, k)
+        totals += torch.stack([hits[:, 0].sum(), hits.sum(), F.cross_entropy(logits, targets, reduction="sum"),
+                               torch.tensor(len(targets), device=device)]).to(torch.float64)
+    all_reduce_sum(totals)
+    model.train(was_training)
+    n = max(totals[3].item(), 1.0)
+    return {"top1": 100.0 * totals[0].item() / n, "top5": 100.0 * totals[1].item() / n,
+            "loss": totals[2].item() / n, "count": int(totals[3].item())}

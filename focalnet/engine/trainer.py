@@ -1,0 +1,327 @@
+"""``train(cfg)``: set up a run from the config, train with periodic validation and checkpoints, resume exactly.
+
+Order of work: validate the config -> join the process group -> seed (seed + rank) -> data -> model
+(+ init_from / resume state) -> DDP -> EMA -> torch.compile -> loggers -> restore RNG -> epochs.
+
+Exit protocol (used by train.py):
+* normal end: returns a summary dict (final validation metrics, step, run_dir).
+* SIGTERM/SIGUSR1 (SLURM preemption): every rank finishes the current update, rank 0 writes ``last.pt``,
+  and :class:`TrainingPreempted` is raised; ``train.py`` exits with ``EXIT_PREEMPTED`` (75, ``EX_TEMPFAIL``:
+  "try again"). Relaunching with ``trainer.resume=auto`` in the same run dir continues exactly.
+* non-finite loss in fp32/bf16: :class:`NonFiniteLossError`; the last checkpoint stays the last good state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+
+import data as data_lib
+from focalnet.engine import distributed as D
+from focalnet.engine.amp import AmpStep
+from focalnet.engine.build import (build_mixup_and_loss, build_model, build_optimizer, build_scheduler,
+                                   init_weights_from)
+from focalnet.engine.checkpointing import (capture_rng, load_file, restore_rng, resume_path, save_atomic,
+                                           unwrap_model)
+from focalnet.engine.config import ConfigError, scaled_lrs, validate_config
+from focalnet.engine.loggers import RunLogger, provenance, write_run_files
+from focalnet.engine.loop import TrainState, train_one_epoch, validate
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingPreempted(Exception):
+    """Stopped by a preemption signal after saving ``last.pt``; relaunch with trainer.resume=auto."""
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of every tensor of the state dict: bitwise equality of weights across ranks or runs."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _PreemptFlag:
+    """Sets a flag on SIGTERM/SIGUSR1; the loop acts on it between updates (never inside a handler)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in PREEMPT_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def train(cfg: DictConfig | dict) -> dict:
+    """Train as configured; see the module docstring for the exit protocol."""
+    plain = validate_config(cfg)  # before any work: config errors surface in seconds, not after data loading
+    info = D.init_distributed()
+    with _PreemptFlag() as preempt:
+        return _Run(plain, info, preempt).fit()
+
+
+class _Run:
+    def __init__(self, cfg: dict, info: D.DistInfo, preempt: _PreemptFlag):
+        self.cfg, self.info, self.preempt = cfg, info, preempt
+        t = self.t = cfg["trainer"]
+        self.run_dir = Path(cfg["paths"]["output_dir"]).resolve()
+        dirs = D.all_gather_object(str(self.run_dir))
+        if len(set(dirs)) != 1:
+            raise RuntimeError(f"ranks disagree on the run directory: {dirs}; set FOCALNET_RUN_ID or hydra.run.dir")
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = resolve_device(t["device"], info.local_rank)
+
+        # Data.
+        self.loaders = data_lib.build_loaders(OmegaConf.create(cfg["data"]), OmegaConf.create(cfg["aug"]),
+                                              rank=info.rank, world_size=info.world_size, seed=t["seed"])
+        self.updates_per_epoch = len(self.loaders.train) // t["accum_steps"]
+        if self.updates_per_epoch == 0:
+            raise ConfigError(f"the train loader has {len(self.loaders.train)} batches per rank, fewer than "
+                              f"trainer.accum_steps={t['accum_steps']}: lower accum_steps or data.batch_size")
+        self.total_steps = t["max_steps"] or t["epochs"] * self.updates_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.updates_per_epoch)
+
+        # Model, optimizer, schedule, loss. The derived LRs are computed and logged in exactly one place.
+        seed_everything(t["seed"])  # same initial weights on every rank (DDP's broadcast is then a no-op)
+        model = build_model(cfg["model"])
+        seed_everything(t["seed"] + info.rank)  # per-rank streams from here on: drop path, mixup
+        if t["init_from"]:
+            init_weights_from(model, t["init_from"], t["init_head"])
+        model.to(self.device)
+        if t["channels_last"]:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.derived = scaled_lrs(cfg, info.world_size)
+        self.derived.update(updates_per_epoch=self.updates_per_epoch, total_steps=self.total_steps,
+                            world_size=info.world_size)
+        self.optimizer = build_optimizer(model, cfg["optimizer"], self.derived["lr"])
+        self.scheduler = build_scheduler(self.optimizer, cfg["schedule"], total_steps=self.total_steps,
+                                         steps_per_epoch=self.updates_per_epoch,
+                                         warmup_lr=self.derived["warmup_lr"], min_lr=self.derived["min_lr"])
+        self.amp = AmpStep(t["amp"], self.device, t["clip_grad"])
+        self.mixup, self.criterion = build_mixup_and_loss(cfg["aug"], cfg["model"]["num_classes"])
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+        # Resume state (weights before DDP so every rank starts from the file, RNG restored last).
+        self.state = TrainState()
+        self.wandb_id = None
+        ckpt_path = resume_path(t["resume"], self.run_dir)
+        ckpt = load_file(ckpt_path) if ckpt_path else None
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.amp.load_state_dict(ckpt["scaler"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.state = TrainState(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
+                                    best_metric=ckpt["best_metric"])
+            self.wandb_id = ckpt.get("wandb_id")
+
+        self.ema = None  # a copy of the bare model, made before DDP attaches its hooks
+        if t["ema_decay"] is not None:
+            self.ema = ModelEmaV3(model, decay=t["ema_decay"])
+            if ckpt is not None and ckpt.get("ema") is not None:
+                self.ema.module.load_state_dict(ckpt["ema"])
+        self.ddp = None
+        if info.distributed:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
+        self.train_model = self.ddp if self.ddp is not None else model
+        if t["compile"]:
+            self.train_model = torch.compile(self.train_model)
+
+        # Side effects on rank 0 only.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        prov = provenance(cfg, info.world_size, str(self.device)) if info.is_main else None
+        if info.is_main:
+            write_run_files(self.run_dir, prov)
+        self.logger = RunLogger(self.run_dir, cfg, enabled=info.is_main, wandb_id=self.wandb_id,
+                                derived=self.derived, prov=prov)
+        self.wandb_id = self.logger.wandb_id
+        log.info("world %d, device %s, total batch %d: lr %.3g, warmup_lr %.3g, min_lr %.3g (per-512 values "
+                 "scaled by %d/512); %d updates/epoch, %d updates", info.world_size, self.device,
+                 self.derived["total_batch"], self.derived["lr"], self.derived["warmup_lr"], self.derived["min_lr"],
+                 self.derived["total_batch"], self.updates_per_epoch, self.total_steps)
+        if ckpt is None:
+            self.logger.log({f"derived/{k}": v for k, v in self.derived.items()}, step=0)
+        else:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, self.state.step,
+                     self.state.epoch, self.state.batch_in_epoch)
+            self.logger.log({"resumed_from_step": self.state.step}, step=self.state.step)
+            rngs = ckpt["rng"]
+            if len(rngs) == info.world_size:
+                restore_rng(rngs[info.rank])
+            else:
+                log.warning("checkpoint has RNG states for %d ranks, this run has %d: RNG streams restart "
+                            "(resume is not bitwise exact)", len(rngs), info.world_size)
+        self.scheduler.step_update(num_updates=self.state.step)
+        self._window = (time.perf_counter(), self.state.step)
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+
+    def save(self, name: str = "last.pt", also: tuple[str, ...] = ()) -> None:
+        rngs = D.all_gather_object(capture_rng())  # collective: every rank calls save()
+        if not self.info.is_main:
+            return
+        obj = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.amp.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.state.step, "epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
+            "rng": rngs, "world_size": self.info.world_size,
+            "config": self.cfg, "best_metric": self.state.best_metric, "wandb_id": self.wandb_id,
+        }
+        for n in (name, *also):
+            save_atomic(obj, self.ckpt_dir / n)
+
+    # -- per-update hook ---------------------------------------------------------------------------------
+
+    def after_step(self, state: TrainState, loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
+        t, step = self.t, state.step
+        if self.pbar is not None:
+            self.pbar.update(1)
+        if step % t["log_every"] == 0 or step == self.total_steps:
+            now = time.perf_counter()
+            t0, s0 = self._window
+            per_step = (now - t0) / max(step - s0, 1)
+            self._window = (now, step)
+            metrics = {"epoch": state.epoch, "train/loss": loss.item(), "train/grad_norm": grad_norm.item(),
+                       "train/lr": self.optimizer.param_groups[0]["lr"],
+                       "train/img_per_s": self.derived["total_batch"] / per_step,
+                       "train/eta_s": per_step * (self.total_steps - step)}
+            if self.amp.scaler.is_enabled():
+                metrics["train/loss_scale"] = self.amp.scaler.get_scale()
+                metrics["train/skipped_steps"] = int(self.amp.skipped.item())
+            if not math.isfinite(metrics["train/loss"]) and not self.amp.scaler.is_enabled():
+                raise RuntimeError(f"train loss is {metrics['train/loss']} at step {step}")  # grads were finite
+            self.logger.log(metrics, step=step)
+            if self.pbar is not None:
+                self.pbar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
+                                      img_s=f"{metrics['train/img_per_s']:.0f}", refresh=False)
+        if step >= self.total_steps:
+            return "done"
+        if D.any_rank(self.preempt.signum is not None, self.device):
+            return "preempted"
+        if t["ckpt_every_steps"] and step % t["ckpt_every_steps"] == 0:
+            self.save()
+        return None
+
+    # -- validation --------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        m = validate(self.model, self.loaders.val, self.device, self.amp, self.t["channels_last"])
+        metrics = {f"val/{k}": v for k, v in m.items()}
+        if self.ema is not None:
+            e = validate(self.ema.module, self.loaders.val, self.device, self.amp, self.t["channels_last"])
+            metrics.update({f"val_ema/{k}": v for k, v in e.items()})
+        metrics["epoch"] = self.state.epoch
+        self.logger.log(metrics, step=self.state.step)
+        log.info("step %d epoch %d: %s", self.state.step, self.state.epoch,
+                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        return metrics
+
+    def log_loader_stats(self) -> None:
+        stats = self.loaders.train.stats() if hasattr(self.loaders.train, "stats") else {}
+        if "skipped_images" in stats:
+            total = D.all_reduce_sum(torch.tensor([float(stats["skipped_images"])], dtype=torch.float64))
+            self.logger.log({"train/skipped_images": int(total.item())}, step=self.state.step)
+
+    # -- main loop ---------------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        t, state, failed = self.t, self.state, True
+        self.pbar = tqdm(total=self.total_steps, initial=state.step, disable=not self.info.is_main,
+                         dynamic_ncols=True, mininterval=1.0, desc="train")
+        metrics: dict = {}
+        try:
+            stop = "done" if state.step >= self.total_steps else None
+            while stop is None and state.epoch < self.epochs:
+                self.loaders.train.set_epoch(state.epoch, state.batch_in_epoch)
+                stop = train_one_epoch(
+                    self.train_model, self.loaders.train, self.optimizer, self.amp, criterion=self.criterion,
+                    mixup=self.mixup, scheduler=self.scheduler, ema=self.ema, params=self.params, state=state,
+                    accum_steps=t["accum_steps"], device=self.device, channels_last=t["channels_last"],
+                    ddp=self.ddp, ema_source=self.model, after_step=self.after_step)
+                if stop == "preempted":
+                    break
+                epoch_done = state.batch_in_epoch >= self.updates_per_epoch * t["accum_steps"]
+                if epoch_done:
+                    self.log_loader_stats()
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                final = stop == "done" or state.epoch >= self.epochs
+                if final or (epoch_done and t["eval_every"] and state.epoch % t["eval_every"] == 0):
+                    metrics = self.evaluate()
+                    best = state.best_metric is None or metrics["val/top1"] > state.best_metric
+                    if best:
+                        state.best_metric = metrics["val/top1"]
+                    also = ("best.pt",) if best else ()
+                    if t["save_epoch_ckpts"] and epoch_done:
+                        also += (f"epoch_{state.epoch}.pt",)
+                    self.save("last.pt", also)
+                elif epoch_done:
+                    self.save("last.pt", (f"epoch_{state.epoch}.pt",) if t["save_epoch_ckpts"] else ())
+                if final:
+                    stop = "done"
+            if stop == "preempted":
+                self.save("last.pt")
+                log.warning("signal %s: saved %s at step %d; exiting with code %d (resume with "
+                            "trainer.resume=auto)", self.preempt.signum, self.ckpt_dir / "last.pt", state.step,
+                            EXIT_PREEMPTED)
+                raise TrainingPreempted(f"preempted at step {state.step}; checkpoint {self.ckpt_dir / 'last.pt'}")
+            fingerprints = D.all_gather_object(weights_fingerprint(self.model))
+            summary = {"final/step": state.step, "final/params_in_sync": len(set(fingerprints)) == 1,
+                       "final/weights_sha256_per_rank": fingerprints, "best/val_top1": state.best_metric}
+            self.logger.log(summary, step=state.step)
+            self.logger.summary({k: v for k, v in summary.items() if not isinstance(v, list)})
+            if len(set(fingerprints)) != 1:
+                raise RuntimeError(f"weights differ across ranks at the end of training: {fingerprints}")
+            failed = False
+            return {**metrics, **summary, "run_dir": str(self.run_dir)}
+        except TrainingPreempted:
+            failed = False
+            raise
+        finally:
+            self.pbar.close()
+            self.logger.close(failed=failed)

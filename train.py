@@ -1,0 +1,45 @@
+"""Train a FocalNet (or any timm model) as the Hydra config says: compose -> resolve -> engine.train(cfg).
+
+    python train.py model=focalnet_tiny data=imagenet1k data.root=/path/to/imagenet
+    python train.py experiment=in1k_focalnet_tiny_lrf                       # a full paper recipe
+    python train.py -m optimizer.lr=5e-4,1e-3                               # sweep (one run dir per job)
+    torchrun --nproc_per_node=8 train.py experiment=in1k_focalnet_tiny_lrf  # one node, 8 GPUs
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        --rdzv_id=$SLURM_JOB_ID train.py experiment=...                      # multi-node
+
+Run directory: ``${paths.output_root}/<YYYY-MM-DD_HH-MM-SS>_<random>`` (``multirun/<id>/<job>`` for sweeps),
+identical on every torchrun rank (rank 0 picks it and broadcasts). ``FOCALNET_RUN_ID=name`` fixes it, so
+a requeued/restarted job finds its ``checkpoints/last.pt`` again with ``trainer.resume=auto`` (the default).
+Sweep from outside torchrun: ``-m`` inside torchrun makes every rank run the whole sweep.
+
+Exit codes: 0 done; 1 error (config errors name the key and the allowed values); 75 (EX_TEMPFAIL) stopped by
+SIGTERM/SIGUSR1 after saving ``checkpoints/last.pt`` — relaunch the same command to continue exactly.
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from focalnet.engine.distributed import register_resolvers
+
+register_resolvers()  # ${run_id:} and ${rank_suffix:} are used by conf/config.yaml's hydra section
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from focalnet.engine import EXIT_PREEMPTED, TrainingPreempted, train
+
+    OmegaConf.resolve(cfg)          # ${hydra:...} and interpolations, once, on this rank
+    OmegaConf.set_readonly(cfg, True)
+    try:
+        result = train(cfg)
+    except TrainingPreempted as e:
+        logging.getLogger("train").warning("%s", e)
+        sys.exit(EXIT_PREEMPTED)
+    return result.get("val/top1")  # the value a Hydra sweeper (e.g. Optuna) maximizes
+
+
+if __name__ == "__main__":
+    main()
