@@ -32,10 +32,20 @@ from tqdm import tqdm
 import data as data_lib
 from focalnet.engine import distributed as D
 from focalnet.engine.amp import AmpStep
-from focalnet.engine.build import (build_mixup_and_loss, build_model, build_optimizer, build_scheduler,
-                                   init_weights_from)
-from focalnet.engine.checkpointing import (capture_rng, load_file, restore_rng, resume_path, save_atomic,
-                                           unwrap_model)
+from focalnet.engine.build import (
+    build_mixup_and_loss,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    init_weights_from,
+)
+from focalnet.engine.checkpointing import (
+    capture_rng,
+    load_file,
+    restore_rng,
+    resume_path,
+    save_atomic,
+)
 from focalnet.engine.config import ConfigError, scaled_lrs, validate_config
 from focalnet.engine.loggers import RunLogger, provenance, write_run_files
 from focalnet.engine.loop import TrainState, train_one_epoch, validate
