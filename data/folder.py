@@ -231,10 +231,8 @@ def _split_paths(data_cfg, root: str) -> tuple[str, str]:
             os.path.join(root, str(data_cfg.get("val_split", "val"))))
 
 
-@register_builder("imagenet1k")
-@register_builder("folder")
-def build_folder(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
-    """ImageFolder train/val splits; ``data.val_count`` holds out a val set when there is no val folder."""
+def folder_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
+    """(train, val, num_classes) of an ImageFolder dataset; ``data.val_count`` holds out a val set."""
     root = require_root(data_cfg)
     train_dir, val_dir = _split_paths(data_cfg, root)
     classes, train = scan_folder(train_dir, "data.root/data.train_split")
@@ -247,8 +245,21 @@ def build_folder(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, 
     else:
         raise DataConfigError(f"data.root/data.val_split: no such directory {val_dir} "
                               "(add it, or hold out training images with data.val_count=N)")
-    return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed,
-                        info={"classes": classes})
+    return train, val, num_classes
+
+
+def dataset_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
+    """(train, val, num_classes) for any file-based ``data`` config (used by scripts/write_ffcv.py too)."""
+    name = str(data_cfg.name).removesuffix("_ffcv")
+    return imagenet22k_samples(data_cfg) if name == "imagenet22k" else folder_samples(data_cfg)
+
+
+@register_builder("imagenet1k")
+@register_builder("folder")
+@register_builder("imagenet22k")
+def build_image_files(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+    train, val, num_classes = dataset_samples(data_cfg)
+    return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
 
 
 def imagenet22k_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
@@ -283,9 +294,3 @@ def imagenet22k_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
     check_labels(train, num_classes, "data.train_map/data.train_split")
     check_labels(val, num_classes, "data.val_map/data.val_split")
     return train, val, num_classes
-
-
-@register_builder("imagenet22k")
-def build_imagenet22k(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
-    train, val, num_classes = imagenet22k_samples(data_cfg)
-    return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)

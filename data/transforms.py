@@ -28,10 +28,25 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import auto_augment as _auto_augment
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_interp_mode
+
+
+def _posterize_any_pillow(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
+    """timm's posterize with Pillow < 13 semantics: RandAugment's PosterizeIncreasing reaches 0 bits at
+    magnitude 10 (m9 + mstd 0.5 gets there), which Pillow 13 rejects; Pillow < 13 returned a black image."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    _auto_augment.NAME_TO_OP[_name] = _posterize_any_pillow
 
 # Truncated files must fail loudly (and be skipped and counted), not decode to half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -1,0 +1,333 @@
+"""``data=imagenet1k_ffcv`` / ``data=imagenet22k_ffcv``: FFCV ``.beton`` files with the full FocalNet recipe.
+
+FFCV decodes JPEG (or copies raw pixels) and does RandomResizedCrop / center crop in compiled, threaded
+code; it has no RandAugment or RandomErasing, so the rest of the recipe runs on its output exactly as in
+the folder path: flip + timm RandAugment per sample (in a process pool, ``data.num_workers`` processes),
+then normalize + timm RandomErasing per sample (:class:`data.transforms.BatchFinisher`).
+
+Determinism and resume: the sample order is :class:`data.loaders.ResumableDistributedSampler`'s (a
+function of seed and epoch, sharded over ranks, resumable at any batch), installed as FFCV's traversal
+order. The crop decoder seeds NumPy per sample inside its compiled loop from (seed, epoch, index), and the
+Python stages are seeded per sample too, so no result depends on thread scheduling or the resume point.
+The decoder bakes the epoch's seed in at compile time, so the pipeline is recompiled once per epoch.
+
+Pipelines are built only in :func:`image_pipeline` (FFCV issue #396: some orders of compiled and
+uncompiled ops hang the Loader constructor); tests construct each one under a timeout.
+FFCV is imported inside functions so the package imports without it.
+
+Bad images were skipped when the ``.beton`` was written (``scripts/write_ffcv.py`` stores them with label
+-1); they are filtered out here and reported by ``stats()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import multiprocessing as mp
+import os
+from collections import deque
+
+import numpy as np
+import torch
+
+from data.folder import DataConfigError
+from data.loaders import Loaders, ResumableDistributedSampler, register_builder, sample_seed
+from data.transforms import BatchFinisher, TrainSampleTransform, seeded
+
+IMAGE_FIELD, LABEL_FIELD = "image", "label"
+
+
+def require_ffcv():
+    try:
+        import ffcv  # noqa: F401
+    except ImportError as e:
+        raise ImportError("FFCV data (data=*_ffcv, scripts/write_ffcv.py) needs the `ffcv` extra: "
+                          "`make install` (or pip install --no-build-isolation -e '.[ffcv]' after "
+                          "apt-get install pkg-config libturbojpeg0-dev libopencv-dev)") from e
+
+
+@functools.cache
+def _decoder_classes():
+    """FFCV decoder subclasses, defined on first use so that importing this module never needs FFCV."""
+    require_ffcv()
+    from ffcv.fields.rgb_image import (
+        IMAGE_MODES,
+        CenterCropRGBImageDecoder,
+        RandomResizedCropRGBImageDecoder,
+        get_random_crop,
+    )
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.compiler import Compiler
+
+    jpg_mode = IMAGE_MODES["jpg"]
+
+    def seeded_decoder_code(op, get_crop, seed_crops: bool):
+        # FFCV's ResizedCropRGBImageDecoder loop plus a per-sample seed (splitmix64 of epoch seed, index).
+        mem_read = op.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        get_crop_c = Compiler.compile(get_crop)
+        scale = np.array(op.scale if op.scale is not None else (1.0, 1.0))
+        ratio = np.array(op.ratio) if isinstance(op.ratio, tuple) else op.ratio
+        base = np.uint64(op.epoch_seed)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                if seed_crops:
+                    z = base + np.uint64(source_ix) * np.uint64(0x9E3779B97F4A7C15)
+                    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+                    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+                    np.random.seed(np.uint32((z ^ (z >> np.uint64(31))) >> np.uint64(33)))
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height = np.uint32(field["height"])
+                width = np.uint32(field["width"])
+                if field["mode"] == jpg_mode:
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                    temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+                i, j, h, w = get_crop_c(height, width, scale, ratio)
+                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+    class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
+        """FFCV's RandomResizedCrop decoder with crops a function of (``epoch_seed``, sample index)."""
+
+        epoch_seed = 0
+
+        def generate_code(self):
+            return seeded_decoder_code(self, get_random_crop, True)
+
+    def full_image(height, width, _scale, _ratio):
+        return 0, 0, height, width
+
+    class SquashDecoder(CenterCropRGBImageDecoder):
+        """Resize the whole image to (S, S): the official eval without TEST.CROP (384 fine-tunes)."""
+
+        epoch_seed = 0
+
+        def __init__(self, output_size):
+            super().__init__(output_size, ratio=1.0)
+
+        def generate_code(self):
+            return seeded_decoder_code(self, full_image, False)
+
+    return SeededRandomResizedCropDecoder, SquashDecoder
+
+
+def image_pipeline(train: bool, img_size: int, aug_cfg=None, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> list:
+    """The image field's ops. Decoder (compiled) then ToTensor (plain): no compiled op after a plain one."""
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.transforms import ToTensor
+
+    seeded_rrc, squash = _decoder_classes()
+    size = (int(img_size), int(img_size))
+    if train:
+        decoder = seeded_rrc(size, scale=tuple(scale), ratio=tuple(ratio))
+    elif aug_cfg is None or aug_cfg.get("test_crop", True):
+        decoder = CenterCropRGBImageDecoder(size, ratio=224 / 256)  # = resize 256/224*S, center crop S
+    else:
+        decoder = squash(size)
+    return [decoder, ToTensor()]
+
+
+def label_pipeline() -> list:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import ToTensor
+
+    return [IntDecoder(), ToTensor()]
+
+
+# Process-pool side of the per-sample stage: the transform is inherited at fork, not pickled per task.
+_POOL_TRANSFORM: TrainSampleTransform | None = None
+
+
+def _pool_init(transform: TrainSampleTransform) -> None:
+    global _POOL_TRANSFORM
+    _POOL_TRANSFORM = transform
+    torch.set_num_threads(1)
+
+
+def _augment_one(item: tuple[np.ndarray, int]) -> np.ndarray:
+    arr, seed = item
+    with seeded(seed):
+        return _POOL_TRANSFORM.augment_array(arr)
+
+
+def read_sidecar(path: str) -> dict:
+    meta = path + ".json"
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            return json.load(f)
+    return {}
+
+
+class FFCVEpochLoader:
+    """The :mod:`data.loaders` loader contract over an FFCV ``Loader`` (train or eval)."""
+
+    def __init__(self, path: str, *, train: bool, batch_size: int, rank: int, world_size: int, seed: int,
+                 num_workers: int, img_size: int, aug_cfg=None, os_cache: bool = True, batches_ahead: int = 3):
+        require_ffcv()
+        from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder  # noqa: F401  (import check)
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.reader import Reader
+        from ffcv.traversal_order.base import TraversalOrder
+
+        self.path, self.train, self.batch_size, self.seed = path, train, batch_size, seed
+        labels = Reader(path).metadata[f"f{self._label_field_index(path)}"]
+        self.valid = np.flatnonzero(labels >= 0).astype(np.uint64)  # label -1: skipped at write time
+        if not len(self.valid):
+            raise DataConfigError(f"{path} holds no readable images (data.train_path / data.val_path)")
+        self.skipped_at_write = int(len(labels) - len(self.valid))
+        self.labels = labels
+        self.sampler = ResumableDistributedSampler(len(self.valid), batch_size=batch_size, rank=rank,
+                                                   world_size=world_size, seed=seed, shuffle=train, train=train)
+        self.finisher = BatchFinisher(aug_cfg, train=train)
+        self.sample_tf = TrainSampleTransform(aug_cfg, img_size) if train else None
+        self.num_workers = int(num_workers)
+        # Fork the augmentation pool before FFCV starts any thread in this process.
+        self.pool = None
+        if train and self.num_workers > 0:
+            self.pool = mp.get_context("fork").Pool(self.num_workers, _pool_init, (self.sample_tf,))
+
+        class EpochOrder(TraversalOrder):
+            order = np.arange(0, dtype=np.uint64)
+
+            def sample_order(self, epoch):
+                return EpochOrder.order
+
+        self._order_cls = EpochOrder
+        rrc = self.sample_tf.rrc if train else None
+        pipelines = {
+            IMAGE_FIELD: image_pipeline(train, img_size, aug_cfg, *((rrc.scale, rrc.ratio) if rrc else ())),
+            LABEL_FIELD: label_pipeline(),
+        }
+        self.decoder = pipelines[IMAGE_FIELD][0]
+        threads = torch.get_num_threads()
+        self.loader = Loader(path, batch_size=batch_size, num_workers=max(self.num_workers, 1), os_cache=os_cache,
+                             order=OrderOption.SEQUENTIAL, pipelines=pipelines, drop_last=False,
+                             batches_ahead=batches_ahead)
+        torch.set_num_threads(threads)  # FFCV's Compiler.set_num_threads also sets torch's; undo that
+        self.loader.traversal_order = EpochOrder(self.loader)
+        self._compiled_epoch = None
+
+    @staticmethod
+    def _label_field_index(path: str) -> int:
+        from ffcv.reader import Reader
+
+        names = list(Reader(path).handlers)
+        if IMAGE_FIELD not in names or LABEL_FIELD not in names:
+            raise DataConfigError(f"{path}: expected fields {IMAGE_FIELD!r}, {LABEL_FIELD!r} (scripts/write_ffcv.py), "
+                                  f"found {names}")
+        return names.index(LABEL_FIELD)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return self.sampler.num_batches()
+
+    def stats(self) -> dict[str, int]:
+        return {"skipped_images": self.skipped_at_write}
+
+    def _augment(self, images: np.ndarray, seeds: list[int]):
+        items = list(zip(images, seeds))
+        if self.pool is None:
+            return [_augment_sample(self.sample_tf, a, s) for a, s in items]
+        return self.pool.map_async(_augment_one, items, chunksize=max(1, -(-len(items) // self.num_workers)))
+
+    def __iter__(self):
+        pairs = list(self.sampler)  # [(position in self.valid, sample seed)] for this rank, from start_batch
+        if not pairs:
+            return
+        self._order_cls.order = self.valid[np.array([p for p, _ in pairs], dtype=np.int64)]
+        seeds = [s for _, s in pairs]
+        epoch = self.sampler.epoch
+        if self.train and self._compiled_epoch != epoch:
+            # The crop seed is a compile-time constant of the decoder: recompile once per epoch.
+            self.decoder.epoch_seed = sample_seed(self.seed, epoch, -1)
+            self.loader.generate_code()
+            self._compiled_epoch = epoch
+        threads = torch.get_num_threads()
+        it = iter(self.loader)
+        pending: deque = deque()
+        try:
+            for b, (images, labels) in enumerate(it):
+                torch.set_num_threads(threads)
+                batch_seeds = seeds[b * self.batch_size:(b + 1) * self.batch_size]
+                labels = labels.view(-1).long().clone()  # FFCV reuses its buffers: copy out
+                if not self.train:
+                    x = images.permute(0, 3, 1, 2)  # (B, S, S, 3) uint8 view -> (B, 3, S, S)
+                    yield self.finisher(x, batch_seeds).contiguous(), labels
+                    continue
+                pending.append((self._augment(images.numpy(), batch_seeds), labels, batch_seeds))
+                if len(pending) > 1:  # keep one batch in flight in the pool while the caller trains
+                    yield self._finish(*pending.popleft())
+            while pending:
+                yield self._finish(*pending.popleft())
+        finally:
+            it.close()
+
+    def _finish(self, result, labels, batch_seeds):
+        arrays = result.get() if hasattr(result, "get") else result
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, S, S, 3) -> (B, 3, S, S) uint8
+        return self.finisher(x, batch_seeds).contiguous(), labels
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
+
+    def __del__(self):
+        self.close()
+
+
+def _augment_sample(tf: TrainSampleTransform, arr: np.ndarray, seed: int) -> np.ndarray:
+    with seeded(seed):
+        return tf.augment_array(np.array(arr, copy=True))
+
+
+def _beton_path(data_cfg, key: str) -> str:
+    value = data_cfg.get(key)
+    if not value:
+        raise DataConfigError(f"data.{key} is not set: the path of the .beton file (scripts/write_ffcv.py)")
+    path = os.path.expanduser(str(value))
+    if not os.path.isabs(path) and data_cfg.get("root"):
+        path = os.path.join(os.path.expanduser(str(data_cfg.root)), path)
+    if not os.path.isfile(path):
+        raise DataConfigError(f"data.{key}={value}: no such file {path} (write it with scripts/write_ffcv.py)")
+    return path
+
+
+@register_builder("imagenet1k_ffcv")
+@register_builder("imagenet22k_ffcv")
+@register_builder("ffcv")
+def build_ffcv(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+    require_ffcv()
+    train_path, val_path = _beton_path(data_cfg, "train_path"), _beton_path(data_cfg, "val_path")
+    num_classes = int(data_cfg.num_classes)
+    common = dict(batch_size=int(data_cfg.batch_size), rank=rank, world_size=world_size, seed=seed,
+                  num_workers=int(data_cfg.get("num_workers", 0)), img_size=int(data_cfg.img_size),
+                  aug_cfg=aug_cfg, os_cache=bool(data_cfg.get("os_cache", True)),
+                  batches_ahead=int(data_cfg.get("batches_ahead", 3)))
+    loaders = {}
+    for split, path in (("train", train_path), ("val", val_path)):
+        meta = read_sidecar(path)
+        if meta.get("num_classes") is not None and int(meta["num_classes"]) != num_classes:
+            raise DataConfigError(f"data.{split}_path={path} was written with {meta['num_classes']} classes but "
+                                  f"data.num_classes={num_classes} (model.num_classes defaults to it)")
+        loaders[split] = FFCVEpochLoader(path, train=split == "train", **common)
+        top = int(loaders[split].labels.max())
+        if top >= num_classes:
+            raise DataConfigError(f"data.{split}_path={path} has label {top} >= data.num_classes={num_classes}")
+    return Loaders(train=loaders["train"], val=loaders["val"], num_classes=num_classes,
+                   info={"train_size": len(loaders["train"].valid), "val_size": len(loaders["val"].valid),
+                         "skipped_at_write": loaders["train"].skipped_at_write})
