@@ -236,7 +236,9 @@ class FFCVEpochLoader:
         return self.sampler.num_batches()
 
     def stats(self) -> dict[str, int]:
-        return {"skipped_images": self.skipped_at_write}
+        # Nothing is skipped while reading: unreadable files were dropped by the writer (counted apart, so
+        # that summing skipped_images over ranks and epochs stays a count of read-time skips).
+        return {"skipped_images": 0, "skipped_at_write": self.skipped_at_write}
 
     def _augment(self, images: np.ndarray, seeds: list[int]):
         items = list(zip(images, seeds))
