@@ -38,8 +38,28 @@ class DistInfo:
         return self.world_size > 1
 
 
+def _adopt_submitit_env() -> None:
+    """Under hydra's submitit launcher (srun tasks, no torchrun), export torchrun's variables from SLURM's.
+
+    Rank, world size and local rank come from ``submitit.JobEnvironment()`` (HYDRA.md pitfall 6); the first
+    node of the job hosts the rendezvous, on a port derived from the job id so concurrent jobs do not clash.
+    """
+    if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks <= 1:
+        return
+    os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank))
+    os.environ.setdefault("MASTER_ADDR", env.hostnames[0])
+    digits = "".join(c for c in str(env.job_id) if c.isdigit()) or "0"
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(digits) % 20000))
+
+
 def env_dist_info() -> DistInfo:
-    """Ranks as exported by torchrun (or SLURM-style launchers that set the same variables)."""
+    """Ranks as exported by torchrun (or derived from submitit/SLURM when launched that way)."""
+    _adopt_submitit_env()
     return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                     int(os.environ.get("LOCAL_RANK", 0)))
 
