@@ -57,8 +57,11 @@ def train_env(**extra) -> dict:
     return env
 
 
-def run_train(args, *, env=None, timeout=600, tiny=True, launcher=(PYTHON,), **popen):
-    """Run ``train.py`` (or a launcher in front of it) to completion; returns CompletedProcess (text)."""
-    cmd = [*launcher, str(ROOT / "train.py"), *(TINY if tiny else []), *args]
+def run_train(args, *, env=None, timeout=600, tiny=True, launcher=(PYTHON,), flags=(), **popen):
+    """Run ``train.py`` (or a launcher in front of it) to completion; returns CompletedProcess (text).
+
+    ``flags`` (e.g. ``["-m"]``) go before the overrides, where Hydra's argument parser expects them.
+    """
+    cmd = [*launcher, str(ROOT / "train.py"), *flags, *(TINY if tiny else []), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env or train_env(), capture_output=True, text=True,
                           timeout=timeout, **popen)

@@ -168,7 +168,7 @@ def test_torchrun_two_ranks_gloo(tmp_path):
 
 def test_multirun_sweep_gives_two_runs_and_two_wandb_runs(tmp_path):
     out_root = tmp_path / "outputs"
-    check(run_train(["-m", "optimizer.lr=1e-3,2e-3", "logger.wandb.mode=offline"],
+    check(run_train(["optimizer.lr=1e-3,2e-3", "logger.wandb.mode=offline"], flags=["-m"],
                     env=train_env(FOCALNET_OUTPUT_ROOT=str(out_root))))
     (sweep,) = (out_root / "multirun").iterdir()
     ids, lrs = set(), set()
