@@ -5,9 +5,10 @@ from the paper and the official code at LeapLabTHU/DAT commit 566a593 (``models/
 ``models/dat_blocks.py``, ``configs/dat_*.yaml``).
 
 Architecture (one module per paper concept):
-- ``patch_proj``: 4x4/4 conv + LayerNorm stem; ``down_projs``: 2x2/2 conv (no bias) + LayerNorm between stages.
-- ``TransformerStage``: pre-norm blocks ``x + DropPath(attn(LN(x)))``, ``x + DropPath(mlp(LN(x)))``; each block
-  uses one token mixer picked by the stage spec letter:
+- ``patch_proj``: 4x4/4 conv + LayerNorm stem; ``down_projs``: 2x2/2 conv (no bias) + LayerNorm between
+  stages.
+- ``TransformerStage``: pre-norm blocks ``x + DropPath(attn(LN(x)))``, ``x + DropPath(mlp(LN(x)))``; each
+  block uses one token mixer picked by the stage spec letter:
   L = ``LocalAttention`` (Swin window attention with a relative position bias table),
   S = ``ShiftWindowAttention`` (shift = ceil(window / 2), masked like Swin),
   D = ``DeformableAttention`` (``DAttentionBaseline`` in the official code): per group of channels, an offset
@@ -17,7 +18,8 @@ Architecture (one module per paper concept):
   query-to-key displacement with ``grid_sample``.
 - head: LayerNorm -> global average pool -> Linear.
 
-State-dict names are the official ones (``patch_proj.0``, ``patch_proj.1.norm``, ``stages.i.layer_norms.j.norm``,
+State-dict names are the official ones (``patch_proj.0``, ``patch_proj.1.norm``,
+``stages.i.layer_norms.j.norm``,
 ``stages.i.attns.j.{proj_qkv,proj_out,relative_position_bias_table,relative_position_index,attn_mask}``,
 ``stages.i.attns.j.{conv_offset.{0,1.norm,3},proj_q,proj_k,proj_v,proj_out,rpe_table}``,
 ``stages.i.mlps.j.chunk.{linear1,linear2}``, ``down_projs.i.{0,1.norm}``, ``cls_norm.norm``, ``cls_head``),
@@ -63,7 +65,7 @@ __all__ = [
     "dat_micro",
 ]
 
-# Parameter-name fragments of the learned position tables (the engine skips weight decay on them, as DAT does).
+# Name fragments of the learned position tables (the engine skips weight decay on them, as DAT does).
 POSITION_TABLE_KEYWORDS = ("relative_position_bias_table", "rpe_table")
 
 
@@ -101,7 +103,9 @@ def _reference_points(h: int, w: int, dtype: torch.dtype, device: torch.device) 
 class LocalAttention(nn.Module):
     """Window multi-head self-attention with a Swin relative position bias (stage letter L)."""
 
-    def __init__(self, dim: int, heads: int, window_size: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(
+        self, dim: int, heads: int, window_size: int, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -215,7 +219,7 @@ class DeformableAttention(nn.Module):
         self.attn_drop = attn_drop
         gc, k = self.group_channels, offset_kernel_size
 
-        # Offset network on the grouped queries: depthwise kxk conv (stride r) -> LN -> GELU -> 1x1 conv to (y, x).
+        # Offset network on grouped queries: depthwise kxk conv (stride r) -> LN -> GELU -> 1x1 conv to y, x.
         self.conv_offset = nn.Sequential(
             nn.Conv2d(gc, gc, k, stride, k // 2, groups=gc),
             LayerNormProxy(gc),
@@ -246,7 +250,7 @@ class DeformableAttention(nn.Module):
         return off
 
     def forward(self, x: torch.Tensor, return_points: bool = False):
-        """(B, H, W, C) -> (B, H, W, C); with ``return_points`` also positions/references (B, g, Hk, Wk, 2)."""
+        """(B, H, W, C) -> (B, H, W, C); ``return_points`` adds positions/references (B, g, Hk, Wk, 2)."""
         b, h, w, c = x.shape
         g, gc, nh, hc = self.groups, self.group_channels, self.heads, self.head_channels
 
@@ -259,7 +263,9 @@ class DeformableAttention(nn.Module):
 
         # Bilinear sampling of the (normalized) input at the deformed points; grid_sample wants (x, y).
         x_grouped = x.permute(0, 3, 1, 2).reshape(b * g, gc, h, w)
-        sampled = F.grid_sample(x_grouped, pos.flip(-1), mode="bilinear", align_corners=True)  # (B*g,Cg,Hk,Wk)
+        sampled = F.grid_sample(
+            x_grouped, pos.flip(-1), mode="bilinear", align_corners=True
+        )  # (B*g,Cg,Hk,Wk)
         ns = hk * wk
         sampled = sampled.reshape(b, c, ns).transpose(1, 2)  # (B, Ns, C), channel = group * Cg + j
         k = _conv1x1(self.proj_k, sampled).view(b, ns, nh, hc).transpose(1, 2)  # (B, heads, Ns, hc)
@@ -276,7 +282,9 @@ class DeformableAttention(nn.Module):
             # Bias for query i and key j = table sampled at (q_i - p_j) / 2, in the table's [-1, 1] frame.
             q_grid = _reference_points(h, w, x.dtype, x.device).reshape(1, h * w, 1, 2)
             displacement = (q_grid - pos.reshape(b * g, 1, ns, 2)).mul(0.5)  # (B*g, HW, Ns, 2)
-            table = self.rpe_table.to(x.dtype).expand(b, -1, -1, -1).reshape(b * g, nh // g, 2 * h - 1, 2 * w - 1)
+            table = (
+                self.rpe_table.to(x.dtype).expand(b, -1, -1, -1).reshape(b * g, nh // g, 2 * h - 1, 2 * w - 1)
+            )
             bias = F.grid_sample(table, displacement.flip(-1), mode="bilinear", align_corners=True)
             bias = bias.reshape(b, nh, h * w, ns)  # (B, heads, HW, Ns)
 
@@ -347,16 +355,28 @@ class TransformerStage(nn.Module):
             if letter == "L":
                 self.attns.append(LocalAttention(dim, heads, window_size, attn_drop, proj_drop))
             elif letter == "S":
-                self.attns.append(ShiftWindowAttention(dim, heads, window_size, fmap_size, attn_drop, proj_drop))
+                self.attns.append(
+                    ShiftWindowAttention(dim, heads, window_size, fmap_size, attn_drop, proj_drop)
+                )
             elif letter == "D":
                 self.attns.append(
                     DeformableAttention(
-                        fmap_size, heads, dim // heads, groups, stride, offset_range_factor,
-                        offset_kernel_size, use_pe, attn_drop, proj_drop,
+                        fmap_size,
+                        heads,
+                        dim // heads,
+                        groups,
+                        stride,
+                        offset_range_factor,
+                        offset_kernel_size,
+                        use_pe,
+                        attn_drop,
+                        proj_drop,
                     )
                 )
             else:
-                raise ValueError(f"stage spec letter {letter!r} is not one of L (window), S (shifted), D (deformable)")
+                raise ValueError(
+                    f"stage spec letter {letter!r} is not one of L (window), S (shifted), D (deformable)"
+                )
         self.drop_path = nn.ModuleList([DropPath(p) if p > 0 else nn.Identity() for p in drop_path])
 
     def _block(self, d: int, x: torch.Tensor) -> torch.Tensor:
@@ -427,16 +447,32 @@ class DAT(nn.Module):
         self.num_features = dims[-1]
         self._check_sizes(img_size, patch_size, window_sizes, stage_spec)
 
-        self.patch_proj = nn.Sequential(nn.Conv2d(in_chans, dim_stem, patch_size, patch_size), LayerNormProxy(dim_stem))
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.patch_proj = nn.Sequential(
+            nn.Conv2d(in_chans, dim_stem, patch_size, patch_size), LayerNormProxy(dim_stem)
+        )
+        # Stochastic depth rises linearly over all blocks (explicit CPU: works under torch.device("meta")).
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         fmap = img_size // patch_size
         self.stages = nn.ModuleList()
         for i in range(4):
             self.stages.append(
                 TransformerStage(
-                    fmap, window_sizes[i], dim_stem if i == 0 else dims[i - 1] * 2, dims[i], depths[i],
-                    stage_spec[i], groups[i], use_pes[i], heads[i], strides[i], offset_range_factor[i],
-                    offset_kernel_sizes[i], attn_drop_rate, drop_rate, expansion, drop_rate,
+                    fmap,
+                    window_sizes[i],
+                    dim_stem if i == 0 else dims[i - 1] * 2,
+                    dims[i],
+                    depths[i],
+                    stage_spec[i],
+                    groups[i],
+                    use_pes[i],
+                    heads[i],
+                    strides[i],
+                    offset_range_factor[i],
+                    offset_kernel_sizes[i],
+                    attn_drop_rate,
+                    drop_rate,
+                    expansion,
+                    drop_rate,
                     dpr[sum(depths[:i]) : sum(depths[: i + 1])],
                 )
             )
@@ -456,13 +492,14 @@ class DAT(nn.Module):
             if "L" in stage_spec[i] or "S" in stage_spec[i]:
                 if fmap % window_sizes[i]:
                     raise ValueError(
-                        f"DAT window_sizes[{i}]={window_sizes[i]} does not tile the {fmap}x{fmap} stage-{i + 1} "
-                        f"map of a {img_size}px input; pick img_size with (img_size/{patch_size}/8) divisible by "
+                        f"DAT window_sizes[{i}]={window_sizes[i]} does not tile the {fmap}x{fmap} "
+                        f"stage-{i + 1} map of a {img_size}px input; pick img_size with "
+                        f"(img_size/{patch_size}/8) divisible by "
                         f"the window (the official 384px model uses window_sizes=[12, 12, 12, 12])"
                     )
             fmap //= 2
 
-    # --- engine hooks -----------------------------------------------------------------------------------------
+    # --- engine hooks ---------------------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
         """Name fragments of parameters DAT trains without weight decay (the position tables)."""
@@ -479,7 +516,7 @@ class DAT(nn.Module):
             stage.grad_checkpointing = enable
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Make a state dict trained at another resolution/window fit this model (see resize_position_tables)."""
+        """Fit a state dict trained at another resolution/window to this model (resize_position_tables)."""
         return resize_position_tables(state_dict, self)
 
     def get_classifier(self) -> nn.Module:
@@ -489,7 +526,7 @@ class DAT(nn.Module):
         self.num_classes = num_classes
         self.cls_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    # --- forward ----------------------------------------------------------------------------------------------
+    # --- forward --------------------------------------------------------------------------------------------
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"DAT built for {self.img_size}px input got {tuple(x.shape[-2:])}")
@@ -554,22 +591,26 @@ def resize_position_tables(state_dict: dict[str, torch.Tensor], model: nn.Module
             grid = F.interpolate(grid, size=(l_new, l_new), mode="bicubic", align_corners=False)
             out[key] = grid.reshape(heads, n_new).T.contiguous().to(value.dtype)
         elif leaf == "rpe_table":
-            grid = F.interpolate(value.float()[None], size=tuple(want.shape[1:]), mode="bicubic", align_corners=False)
+            grid = F.interpolate(
+                value.float()[None], size=tuple(want.shape[1:]), mode="bicubic", align_corners=False
+            )
             out[key] = grid[0].to(value.dtype)
         elif leaf in ("relative_position_index", "attn_mask"):
             out[key] = want.clone()
     return out
 
 
-def fvcore_flop_formulas() -> dict:
+def fvcore_flop_formulas(elementwise: bool = True) -> dict:
     """``custom_mapping`` for ``torch.utils.flop_counter.FlopCounterMode`` that counts DAT like the paper.
 
     The paper's numbers (DAT-T 4.59 / S 9.01 / B 15.79 G) are fvcore counts: matmuls and convolutions (one
     multiply-accumulate = 1), plus 5 per LayerNorm element and 4 per ``grid_sample`` output element; softmax,
-    additions and the bias gathers count 0. FlopCounterMode counts 2 per multiply-accumulate and, on CPU, misses
-    the fused SDPA kernel (``_scaled_dot_product_flash_attention_for_cpu``) and LayerNorm/grid_sample. With this
+    additions and the bias gathers count 0. FlopCounterMode counts 2 per multiply-accumulate and, on CPU,
+    misses the fused SDPA kernel (``_scaled_dot_product_flash_attention_for_cpu``) and LayerNorm/grid_sample.
+    With this
     mapping, ``FlopCounterMode(custom_mapping=fvcore_flop_formulas()).get_total_flops() / 2`` reproduces the
-    paper's GMACs within 0.05%; without the LayerNorm/grid_sample terms it is about 0.5% lower.
+    paper's GMACs within 0.05%; with ``elementwise=False`` (attention added, no LayerNorm/grid_sample terms)
+    it counts matmuls and convolutions only, about 0.5% lower.
     """
     from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
@@ -587,28 +628,45 @@ def fvcore_flop_formulas() -> dict:
     def grid_sampler(x, grid, *args, out_shape=None, **kwargs) -> int:
         return 2 * 4 * math.prod(out_shape)
 
-    return {
+    formulas = {
         aten._scaled_dot_product_flash_attention_for_cpu: sdpa,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward,
-        aten.native_layer_norm: layer_norm,
-        aten.grid_sampler_2d: grid_sampler,
     }
+    if elementwise:
+        formulas.update({aten.native_layer_norm: layer_norm, aten.grid_sampler_2d: grid_sampler})
+    return formulas
 
 
 # --- registered variants (official configs/dat_*.yaml at LeapLabTHU/DAT 566a593) ----------------------------
+
 
 def _build(defaults: dict, overrides: dict) -> DAT:
     return DAT(**{**defaults, **overrides})
 
 
 _DAT_T = dict(
-    dim_stem=96, dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), heads=(3, 6, 12, 24), groups=(-1, -1, 3, 6),
-    stage_spec=(("L", "S"), ("L", "S"), ("L", "D") * 3, ("L", "D")), drop_path_rate=0.2,
+    dim_stem=96,
+    dims=(96, 192, 384, 768),
+    depths=(2, 2, 6, 2),
+    heads=(3, 6, 12, 24),
+    groups=(-1, -1, 3, 6),
+    stage_spec=(("L", "S"), ("L", "S"), ("L", "D") * 3, ("L", "D")),
+    drop_path_rate=0.2,
 )
-_DAT_S = dict(_DAT_T, depths=(2, 2, 18, 2), stage_spec=(("L", "S"), ("L", "S"), ("L", "D") * 9, ("L", "D")),
-              drop_path_rate=0.3)
-_DAT_B = dict(_DAT_S, dim_stem=128, dims=(128, 256, 512, 1024), heads=(4, 8, 16, 32), groups=(-1, -1, 4, 8),
-              drop_path_rate=0.5)
+_DAT_S = dict(
+    _DAT_T,
+    depths=(2, 2, 18, 2),
+    stage_spec=(("L", "S"), ("L", "S"), ("L", "D") * 9, ("L", "D")),
+    drop_path_rate=0.3,
+)
+_DAT_B = dict(
+    _DAT_S,
+    dim_stem=128,
+    dims=(128, 256, 512, 1024),
+    heads=(4, 8, 16, 32),
+    groups=(-1, -1, 4, 8),
+    drop_path_rate=0.5,
+)
 
 
 @register_model
@@ -640,9 +698,15 @@ def dat_micro(**overrides) -> DAT:
     """A tiny DAT for demos and tests (64px: maps 16/8/4/2), with all three block kinds."""
     return _build(
         dict(
-            img_size=64, dim_stem=32, dims=(32, 64, 128, 256), depths=(1, 1, 2, 2), heads=(1, 2, 4, 8),
-            groups=(-1, -1, 2, 4), window_sizes=(4, 4, 4, 2),
-            stage_spec=(("S",), ("S",), ("L", "D"), ("L", "D")), drop_path_rate=0.1,
+            img_size=64,
+            dim_stem=32,
+            dims=(32, 64, 128, 256),
+            depths=(1, 1, 2, 2),
+            heads=(1, 2, 4, 8),
+            groups=(-1, -1, 2, 4),
+            window_sizes=(4, 4, 4, 2),
+            stage_spec=(("S",), ("S",), ("L", "D"), ("L", "D")),
+            drop_path_rate=0.1,
         ),
         overrides,
     )
