@@ -243,6 +243,17 @@ def test_gradient_reaches_the_offset_network():
         assert attn.rpe_table.grad.abs().sum() > 0
 
 
+def test_bf16_autocast_keeps_sampling_positions_in_fp32():
+    model = focalnet.create_model("dat_micro").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, positions, _ = model.forward_with_points(x)
+    assert logits.dtype == torch.bfloat16 and positions[2][1].dtype == torch.float32
+    torch.testing.assert_close(logits.float(), reference, atol=0.05, rtol=0.05)
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = focalnet.create_model("dat_micro", drop_path_rate=0.0)

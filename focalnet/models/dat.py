@@ -241,7 +241,8 @@ class DeformableAttention(nn.Module):
         """Grouped queries (B*g, Cg, H, W) -> offsets (B*g, Hk, Wk, 2) as (y, x) in normalized units."""
         dw, norm, act, pw = self.conv_offset
         off = dw(q).permute(0, 2, 3, 1)  # (B*g, Hk, Wk, Cg)
-        off = F.linear(act(norm(off)), pw.weight.flatten(1))  # (B*g, Hk, Wk, 2)
+        # Positions stay fp32 even under bf16/fp16 autocast (bf16 cannot resolve a 2/56 grid step).
+        off = F.linear(act(norm(off)), pw.weight.flatten(1)).float()  # (B*g, Hk, Wk, 2)
         if self.offset_range_factor > 0:
             hk, wk = off.shape[1], off.shape[2]
             # tanh bounds the offset to +-factor/Hk (y) and +-factor/Wk (x) in the [-1, 1] frame.
@@ -258,14 +259,13 @@ class DeformableAttention(nn.Module):
         q_grouped = q.permute(0, 3, 1, 2).reshape(b * g, gc, h, w)
         offset = self._offsets(q_grouped)  # (B*g, Hk, Wk, 2)
         hk, wk = offset.shape[1], offset.shape[2]
-        reference = _reference_points(hk, wk, x.dtype, x.device).expand(b * g, -1, -1, -1)
+        reference = _reference_points(hk, wk, torch.float32, x.device).expand(b * g, -1, -1, -1)
         pos = offset + reference if self.offset_range_factor >= 0 else (offset + reference).tanh()
 
         # Bilinear sampling of the (normalized) input at the deformed points; grid_sample wants (x, y).
         x_grouped = x.permute(0, 3, 1, 2).reshape(b * g, gc, h, w)
-        sampled = F.grid_sample(
-            x_grouped, pos.flip(-1), mode="bilinear", align_corners=True
-        )  # (B*g,Cg,Hk,Wk)
+        grid = pos.flip(-1).to(x_grouped.dtype)  # autocast runs grid_sample in fp32 anyway
+        sampled = F.grid_sample(x_grouped, grid, mode="bilinear", align_corners=True)  # (B*g, Cg, Hk, Wk)
         ns = hk * wk
         sampled = sampled.reshape(b, c, ns).transpose(1, 2)  # (B, Ns, C), channel = group * Cg + j
         k = _conv1x1(self.proj_k, sampled).view(b, ns, nh, hc).transpose(1, 2)  # (B, heads, Ns, hc)
@@ -280,13 +280,13 @@ class DeformableAttention(nn.Module):
                     "build the model with the matching img_size"
                 )
             # Bias for query i and key j = table sampled at (q_i - p_j) / 2, in the table's [-1, 1] frame.
-            q_grid = _reference_points(h, w, x.dtype, x.device).reshape(1, h * w, 1, 2)
+            q_grid = _reference_points(h, w, torch.float32, x.device).reshape(1, h * w, 1, 2)
             displacement = (q_grid - pos.reshape(b * g, 1, ns, 2)).mul(0.5)  # (B*g, HW, Ns, 2)
-            table = (
-                self.rpe_table.to(x.dtype).expand(b, -1, -1, -1).reshape(b * g, nh // g, 2 * h - 1, 2 * w - 1)
-            )
-            bias = F.grid_sample(table, displacement.flip(-1), mode="bilinear", align_corners=True)
-            bias = bias.reshape(b, nh, h * w, ns)  # (B, heads, HW, Ns)
+            # Heads of a group share the group's positions: (heads, 2H-1, 2W-1) -> (B*g, heads/g, 2H-1, 2W-1).
+            table = self.rpe_table.expand(b, -1, -1, -1).reshape(b * g, nh // g, 2 * h - 1, 2 * w - 1)
+            grid = displacement.flip(-1).to(table.dtype)
+            bias = F.grid_sample(table, grid, mode="bilinear", align_corners=True)
+            bias = bias.reshape(b, nh, h * w, ns).to(q.dtype)  # (B, heads, HW, Ns)
 
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
