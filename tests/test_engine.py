@@ -4,6 +4,7 @@ checkpoint files and RNG capture, the run id, and gradient accumulation through 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,13 @@ import torch.nn as nn
 import focalnet
 from focalnet.engine import distributed as D
 from focalnet.engine.amp import AmpStep, NonFiniteLossError
-from focalnet.engine.build import build_model, build_optimizer, build_scheduler, param_groups
+from focalnet.engine.build import (
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    init_weights_from,
+    param_groups,
+)
 from focalnet.engine.checkpointing import capture_rng, load_file, restore_rng, save_atomic
 from focalnet.engine.config import ConfigError, scaled_lrs, validate_config
 from focalnet.engine.trainer import train
@@ -208,3 +215,41 @@ def test_accumulation_matches_the_large_batch(compose_cfg):
     assert any(not torch.allclose(w_big[k], v) for k, v in init.state_dict().items())
     for k in w_big:
         torch.testing.assert_close(w_small[k], w_big[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+# -- switches and failure paths through the real training loop -----------------------------------------
+
+
+@pytest.mark.parametrize("switches", [
+    ["trainer.amp=bf16", "trainer.channels_last=true", "trainer.grad_checkpointing=true"],
+    ["trainer.amp=fp16", "trainer.ema_decay=0.9", "aug=deit", "schedule=step"],
+])
+def test_amp_and_memory_switches_train(compose_cfg, switches):
+    cfg = compose_cfg(*switches, "trainer.max_steps=2", "trainer.eval_every=0")
+    result = train(cfg)
+    ckpt = load_file(f"{cfg.paths.output_dir}/checkpoints/last.pt")
+    assert result["final/step"] == ckpt["step"] == 2 and result["val/count"] == 64
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    if "trainer.amp=fp16" in switches:
+        assert ckpt["scaler"]["scale"] > 0 and "val_ema/top1" in result  # GradScaler state is checkpointed
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(compose_cfg):
+    good = compose_cfg("trainer.max_steps=2")
+    train(good)
+    good_ckpt = f"{good.paths.output_dir}/checkpoints/last.pt"
+    # Continue from that file (resume=PATH) on data that turned into NaNs: fp32 must stop, not save.
+    bad = compose_cfg("trainer.max_steps=4", f"trainer.resume={good_ckpt}", "data.signal=nan")
+    with pytest.raises(NonFiniteLossError, match="last checkpoint"):
+        train(bad)
+    assert not (Path(bad.paths.output_dir) / "checkpoints" / "last.pt").exists()
+    kept = load_file(good_ckpt)
+    assert kept["step"] == 2 and all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_init_from_loads_weights_only(compose_cfg, tmp_path):
+    source = focalnet.create_model("focalnet_micro", num_classes=10)
+    save_atomic({"model": source.state_dict()}, tmp_path / "pretrained.pt")
+    model = build_model(validate_config(compose_cfg())["model"])
+    init_weights_from(model, str(tmp_path / "pretrained.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))

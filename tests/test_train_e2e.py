@@ -102,8 +102,8 @@ def assert_same_training_state(a: dict, b: dict) -> None:
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def start_and_wait_for_step(run_dir: Path, step: int) -> subprocess.Popen:
-    cmd = [PYTHON, str(ROOT / "train.py"), *TINY, *RESUME, f"hydra.run.dir={run_dir}"]
+def start_and_wait_for_step(run_dir: Path, step: int, *extra: str) -> subprocess.Popen:
+    cmd = [PYTHON, str(ROOT / "train.py"), *TINY, *RESUME, f"hydra.run.dir={run_dir}", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 300
@@ -131,14 +131,18 @@ def test_resume_after_sigkill_mid_epoch_is_bitwise_exact(tmp_path, reference_run
 
 def test_resume_after_sigterm_is_bitwise_exact(tmp_path, reference_run):
     run_dir = tmp_path / "run"
-    proc = start_and_wait_for_step(run_dir, 7)
+    wandb_on = "logger.wandb.mode=offline"  # also: the resumed run continues the same W&B run
+    proc = start_and_wait_for_step(run_dir, 7, wandb_on)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     saved = load_file(run_dir / "checkpoints" / "last.pt")
-    assert 7 <= saved["step"] < 48
-    check(run_train([*RESUME, f"hydra.run.dir={run_dir}"]))
-    assert_same_training_state(load_file(run_dir / "checkpoints" / "last.pt"), reference_run)
+    assert 7 <= saved["step"] < 48 and saved["wandb_id"]
+    check(run_train([*RESUME, f"hydra.run.dir={run_dir}", wandb_on]))
+    final = load_file(run_dir / "checkpoints" / "last.pt")
+    assert_same_training_state(final, reference_run)
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {wandb_summary(r)["run_id"] for r in runs} == {saved["wandb_id"]} == {final["wandb_id"]}
 
 
 # -- multi-process, sweeps, CLI errors --------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """``train(cfg)``: set up a run from the config, train with periodic validation and checkpoints, resume exactly.
 
-Order of work: validate the config -> join the process group -> seed (seed + rank) -> data -> model
-(+ init_from / resume state) -> DDP -> EMA -> torch.compile -> loggers -> restore RNG -> epochs.
+Order of work: validate the config -> join the process group -> data -> model (seeded identically on every
+rank; + init_from / resume state) -> EMA -> DDP -> torch.compile -> loggers -> per-rank seeds (seed + rank),
+or the checkpoint's RNG states on resume -> epochs.
 
 Exit protocol (used by train.py):
 * normal end: returns a summary dict (final validation metrics, step, run_dir).
@@ -77,7 +78,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -107,12 +108,17 @@ def train(cfg: DictConfig | dict) -> dict:
     plain = validate_config(cfg)  # before any work: config errors surface in seconds, not after data loading
     info = D.init_distributed()
     with _PreemptFlag() as preempt:
-        return _Run(plain, info, preempt).fit()
+        return TrainRun(plain, info, preempt).fit()
 
 
-class _Run:
-    def __init__(self, cfg: dict, info: D.DistInfo, preempt: _PreemptFlag):
-        self.cfg, self.info, self.preempt = cfg, info, preempt
+class TrainRun:
+    """One training run, set up from a validated plain-dict config (``train`` is the entry point; scripts such
+    as the loop benchmark build one directly and drive ``train_epoch``)."""
+
+    def __init__(self, cfg: dict, info: D.DistInfo, preempt: _PreemptFlag | None = None):
+        self.cfg, self.info = cfg, info
+        self.preempt = preempt or _PreemptFlag()  # not installed: signals keep their handlers
+        self.pbar = None
         t = self.t = cfg["trainer"]
         self.run_dir = Path(cfg["paths"]["output_dir"]).resolve()
         dirs = D.all_gather_object(str(self.run_dir))
@@ -134,7 +140,6 @@ class _Run:
         # Model, optimizer, schedule, loss. The derived LRs are computed and logged in exactly one place.
         seed_everything(t["seed"])  # same initial weights on every rank (DDP's broadcast is then a no-op)
         model = build_model(cfg["model"])
-        seed_everything(t["seed"] + info.rank)  # per-rank streams from here on: drop path, mixup
         if t["init_from"]:
             init_weights_from(model, t["init_from"], t["init_head"])
         model.to(self.device)
@@ -192,6 +197,9 @@ class _Run:
                  "scaled by %d/512); %d updates/epoch, %d updates", info.world_size, self.device,
                  self.derived["total_batch"], self.derived["lr"], self.derived["warmup_lr"], self.derived["min_lr"],
                  self.derived["total_batch"], self.updates_per_epoch, self.total_steps)
+        # Per-rank RNG streams (drop path, mixup) start here, after every setup step that might draw from the
+        # global generators (W&B, compile...), so they do not depend on the setup; a resume then overwrites them.
+        seed_everything(t["seed"] + info.rank)
         if ckpt is None:
             self.logger.log({f"derived/{k}": v for k, v in self.derived.items()}, step=0)
         else:
@@ -280,20 +288,28 @@ class _Run:
 
     # -- main loop ---------------------------------------------------------------------------------------
 
+    def make_progress_bar(self, **kw) -> tqdm:
+        return tqdm(total=self.total_steps, initial=self.state.step, disable=not self.info.is_main,
+                    dynamic_ncols=True, mininterval=1.0, desc="train", **kw)
+
+    def train_epoch(self) -> str | None:
+        """The rest of the current epoch from the saved position (what ``fit`` runs per epoch)."""
+        t = self.t
+        self.loaders.train.set_epoch(self.state.epoch, self.state.batch_in_epoch)
+        return train_one_epoch(
+            self.train_model, self.loaders.train, self.optimizer, self.amp, criterion=self.criterion,
+            mixup=self.mixup, scheduler=self.scheduler, ema=self.ema, params=self.params, state=self.state,
+            accum_steps=t["accum_steps"], device=self.device, channels_last=t["channels_last"],
+            ddp=self.ddp, ema_source=self.model, after_step=self.after_step)
+
     def fit(self) -> dict:
         t, state, failed = self.t, self.state, True
-        self.pbar = tqdm(total=self.total_steps, initial=state.step, disable=not self.info.is_main,
-                         dynamic_ncols=True, mininterval=1.0, desc="train")
+        self.pbar = self.make_progress_bar()
         metrics: dict = {}
         try:
             stop = "done" if state.step >= self.total_steps else None
             while stop is None and state.epoch < self.epochs:
-                self.loaders.train.set_epoch(state.epoch, state.batch_in_epoch)
-                stop = train_one_epoch(
-                    self.train_model, self.loaders.train, self.optimizer, self.amp, criterion=self.criterion,
-                    mixup=self.mixup, scheduler=self.scheduler, ema=self.ema, params=self.params, state=state,
-                    accum_steps=t["accum_steps"], device=self.device, channels_last=t["channels_last"],
-                    ddp=self.ddp, ema_source=self.model, after_step=self.after_step)
+                stop = self.train_epoch()
                 if stop == "preempted":
                     break
                 epoch_done = state.batch_in_epoch >= self.updates_per_epoch * t["accum_steps"]

@@ -1,0 +1,158 @@
+"""Overhead of the training loop: our engine's step vs a bare forward/backward/step loop, in one run.
+
+Both loops train the same model architecture (same init) on the same pre-made batches held in memory, so
+the difference is the engine's per-step machinery: AMP step object, gradient-norm computation (and
+clipping), LR schedule update, EMA when enabled, the per-step hook (logging every ``log_every``, progress
+bar, checkpoint/preemption checks). Rounds alternate bare/ours and the median img/s of each is reported,
+which cancels most of the drift on a shared machine.
+
+    python scripts/bench_train.py                          # focalnet_micro, 64 px, batch 32, CPU
+    python scripts/bench_train.py --model focalnet_tiny_srf --img 224 --batch 64 --device cuda --amp bf16
+
+Target: overhead <= 3% (ratio ours/bare >= 0.97).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
+
+from focalnet.engine.amp import AmpStep  # noqa: E402
+from focalnet.engine.build import build_model  # noqa: E402
+from focalnet.engine.config import validate_config  # noqa: E402
+from focalnet.engine.distributed import DistInfo  # noqa: E402
+from focalnet.engine.trainer import TrainRun  # noqa: E402
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+class InMemoryBatches:
+    """The loader interface the engine uses (len, set_epoch, iter) over a fixed list of batches."""
+
+    def __init__(self, batches):
+        self.batches, self.start = batches, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.start = start_batch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches[self.start:])
+
+
+def make_run(args, run_dir: str, clip_grad: float | None) -> TrainRun:
+    overrides = [
+        f"model={args.model_cfg}", f"model.name={args.model}", "data=synthetic", f"data.img_size={args.img}",
+        f"data.batch_size={args.batch}", "data.train_size=64", "data.val_size=16", "aug=none",
+        f"trainer.amp={args.amp}", f"trainer.device={args.device}", "trainer.max_steps=1000000000",
+        "trainer.ckpt_every_steps=null", f"trainer.log_every={args.log_every}",
+        f"trainer.clip_grad={'null' if clip_grad is None else clip_grad}",
+        f"trainer.ema_decay={args.ema if args.ema else 'null'}", "logger.wandb.mode=disabled",
+        "schedule.warmup_epochs=0", "model.drop_path_rate=0.0",
+    ]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = run_dir
+    run = TrainRun(validate_config(cfg), DistInfo())
+    run.pbar = run.make_progress_bar(file=open(os.devnull, "w"))  # a live bar, printed nowhere
+    return run
+
+
+def time_ours(run: TrainRun, batches, steps: int) -> float:
+    run.loaders.train = InMemoryBatches(batches[:steps])
+    run.state.batch_in_epoch = 0
+    sync(run.device)
+    t0 = time.perf_counter()
+    run.train_epoch()
+    sync(run.device)
+    return steps * batches[0][0].shape[0] / (time.perf_counter() - t0)
+
+
+def time_bare(model, opt, amp: AmpStep, batches, steps: int, device) -> float:
+    model.train()
+    sync(device)
+    t0 = time.perf_counter()
+    for images, targets in batches[:steps]:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with amp.autocast():
+            loss = nn.functional.cross_entropy(model(images), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(device)
+    return steps * batches[0][0].shape[0] / (time.perf_counter() - t0)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="focalnet_micro")
+    p.add_argument("--model-cfg", default="focalnet_micro", help="conf/model group to start from")
+    p.add_argument("--img", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay for our loop (0 = off, like the bare loop)")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = {"ours (no clip)": make_run(args, f"{tmp}/a", None), "ours (clip 5.0)": make_run(args, f"{tmp}/b", 5.0)}
+        device = next(iter(ours.values())).device
+        torch.manual_seed(0)
+        bare_model = build_model(next(iter(ours.values())).cfg["model"]).to(device)
+        bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-4, weight_decay=0.05)
+        bare_amp = AmpStep(args.amp, device)  # only its autocast context
+        g = torch.Generator().manual_seed(0)
+        n = max(args.steps, args.warmup)
+        batches = [(torch.randn(args.batch, 3, args.img, args.img, generator=g),
+                    torch.randint(0, 10, (args.batch,), generator=g)) for _ in range(n)]
+        if device.type == "cuda":
+            batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
+
+        # Warm up every loop (allocator, kernels, autotuning) before timing anything.
+        time_bare(bare_model, bare_opt, bare_amp, batches, args.warmup, device)
+        for run in ours.values():
+            time_ours(run, batches, args.warmup)
+        results: dict[str, list[float]] = {"bare": [], **{k: [] for k in ours}}
+        for _ in range(args.rounds):
+            results["bare"].append(time_bare(bare_model, bare_opt, bare_amp, batches, args.steps, device))
+            for name, run in ours.items():
+                results[name].append(time_ours(run, batches, args.steps))
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"\nmodel {args.model}, img {args.img}, batch {args.batch}, amp {args.amp}, device {device}, "
+          f"threads {torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps (median)")
+    print(f"{'loop':<18}{'img/s':>10}{'ratio':>8}{'overhead':>10}")
+    for name, v in med.items():
+        ratio = v / med["bare"]
+        print(f"{name:<18}{v:>10.1f}{ratio:>8.3f}{(1 - ratio) * 100:>9.1f}%")
+    worst = 1 - min(v for k, v in med.items() if k != "bare") / med["bare"]
+    print(f"overhead of our loop: {worst * 100:.1f}% (target <= 3%)")
+
+
+if __name__ == "__main__":
+    main()
