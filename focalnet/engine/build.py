@@ -36,11 +36,26 @@ def build_model(model_cfg: Mapping) -> nn.Module:
     return model
 
 
-def init_weights_from(model: nn.Module, path: str, head: str = "auto") -> None:
-    """Fine-tuning start: weights only (no optimizer/step), through ``focalnet.load_checkpoint``."""
-    kwargs = {} if head in ("auto", None) else {"head": head}
-    result = focalnet.load_checkpoint(model, path, **kwargs)
+# trainer.init_head -> focalnet.load_checkpoint(head=...)
+INIT_HEAD_MODES = {"auto": "auto", "keep": "strict", "reinit": "reinit", "slice_22k_to_1k": "slice_22k_to_1k"}
+
+
+def init_weights_from(model: nn.Module, path: str, head: str = "auto", seed: int = 0):
+    """Fine-tuning start: weights only (optimizer, schedule and step start fresh), via ``focalnet.load_checkpoint``.
+
+    ``head``: ``keep`` (the checkpoint's head; class counts must match), ``reinit`` (a fresh head),
+    ``slice_22k_to_1k`` (rows 0..999 of a 21842-way ImageNet-22K head), ``auto`` (keep when the counts match,
+    slice 21842 -> 1000, else reinit). A re-initialized head is drawn from ``seed`` in a forked RNG: the same on
+    every rank (the EMA copy is taken before DDP broadcasts), and the run's RNG stream is left untouched.
+    Returns the :class:`~focalnet.models.checkpoint.LoadReport`.
+    """
+    if head not in INIT_HEAD_MODES:
+        raise ValueError(f"trainer.init_head={head!r}; choose one of {', '.join(INIT_HEAD_MODES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        result = focalnet.load_checkpoint(model, path, head=INIT_HEAD_MODES[head])
     log.info("initialized weights from %s (%s)", path, result)
+    return result
 
 
 def _no_decay(name: str, param: nn.Parameter, skip: set[str]) -> bool:

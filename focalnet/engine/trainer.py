@@ -141,7 +141,7 @@ class TrainRun:
         seed_everything(t["seed"])  # same initial weights on every rank (DDP's broadcast is then a no-op)
         model = build_model(cfg["model"])
         if t["init_from"]:
-            init_weights_from(model, t["init_from"], t["init_head"])
+            init_weights_from(model, t["init_from"], t["init_head"], seed=t["seed"])
         model.to(self.device)
         if t["channels_last"]:
             model.to(memory_format=torch.channels_last)
