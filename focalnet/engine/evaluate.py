@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -141,26 +142,34 @@ def read_checkpoint(path: str, weights: str) -> tuple[dict, dict | None, str | N
     return sd, config, used, has_ema
 
 
+@functools.lru_cache(maxsize=1)
+def _variant_signatures() -> dict[str, tuple[dict[str, tuple], str]]:
+    """name -> (parameter shapes without the head, arch as JSON) of every registered FocalNet (meta device)."""
+    out = {}
+    with torch.device("meta"):
+        for name in focalnet.list_models("focalnet_*"):
+            m = focalnet.create_model(name)
+            shapes = {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.startswith("head.")}
+            out[name] = (shapes, json.dumps(m.arch, sort_keys=True, default=str))
+    return out
+
+
 def detect_focalnet_variant(sd: Mapping[str, torch.Tensor]) -> str:
     """The registered FocalNet whose parameter names and shapes (head aside) equal an official-layout state dict.
 
-    Models are built on the meta device (no memory, no init cost). The released isotropic checkpoints with the
-    old ``modulation.ln`` meaning are matched with those keys ignored (``load_checkpoint`` adapts the blocks).
+    The released isotropic checkpoints with the old ``modulation.ln`` meaning are matched with those keys
+    ignored (``load_checkpoint`` adapts the blocks). Variants are built once per process, on the meta device.
     """
-    def shapes(d, drop_mod_ln=False):
-        return {k: tuple(v.shape) for k, v in d.items()
-                if not k.startswith("head.") and not (drop_mod_ln and ".modulation.ln." in k)}
+    def strip(shapes: Mapping[str, tuple], drop_mod_ln: bool) -> dict:
+        return {k: v for k, v in shapes.items() if not (drop_mod_ln and ".modulation.ln." in k)}
 
-    candidates = {}
-    with torch.device("meta"):
-        for name in focalnet.list_models("focalnet_*"):
-            candidates[name] = focalnet.create_model(name)
+    signatures = _variant_signatures()
+    mine = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith("head.")}
     for drop in (False, True):
-        want = shapes(sd, drop)
-        found = [n for n, m in candidates.items() if shapes(m.state_dict(), drop) == want]
+        want = strip(mine, drop)
+        found = [n for n, (shapes, _) in signatures.items() if strip(shapes, drop) == want]
         if found:
-            archs = {json.dumps(candidates[n].arch, sort_keys=True, default=str) for n in found}
-            if len(archs) > 1:
+            if len({signatures[n][1] for n in found}) > 1:
                 raise CheckpointError(f"the weights fit several FocalNet variants with different behaviour ({found});"
                                       f" pass model=NAME")
             return min(found, key=len)  # aliases (focalnet_tiny = focalnet_tiny_lrf): the shortest name
