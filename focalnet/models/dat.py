@@ -100,6 +100,26 @@ def _reference_points(h: int, w: int, dtype: torch.dtype, device: torch.device) 
     return torch.stack((ref_y, ref_x), dim=-1)  # (h, w, 2)
 
 
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float
+):
+    """softmax(q k^T / sqrt(hc) + bias) v for (B, heads, Lq, hc) x (B, heads, Lk, hc) -> (B, heads, Lq, hc).
+
+    The official code's math (it scales q first; same result). ``scaled_dot_product_attention`` is used
+    where it has a fused kernel for it: on GPU, and on CPU when the bias needs no gradient (inference). When
+    the bias is learned (training on CPU) PyTorch falls back to its unfused math path plus a "safe softmax"
+    pass, which the
+    explicit form below beats by ~1.2-1.8x (measured at DAT-T shapes).
+    """
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    if bias is None or not (q.device.type == "cpu" and bias.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias
+    attn = F.dropout(attn.softmax(dim=-1), p=dropout_p)
+    return attn @ v
+
+
 class LocalAttention(nn.Module):
     """Window multi-head self-attention with a Swin relative position bias (stage letter L)."""
 
@@ -135,16 +155,17 @@ class LocalAttention(nn.Module):
         nh, nw = h // ws, w // ws
         # (B, H, W, C) -> (B, nW, N, C), windows in row-major order like the official rearrange.
         xw = x.view(b, nh, ws, nw, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, nh * nw, ws * ws, c)
-        qkv = self.proj_qkv(xw).view(b, nh * nw, ws * ws, 3, self.heads, c // self.heads)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, hc)
-        bias = self._bias().to(q.dtype)  # (heads, N, N)
+        n_win, n, hc = nh * nw, ws * ws, c // self.heads
+        qkv = self.proj_qkv(xw).view(b, n_win, n, 3, self.heads, hc).permute(3, 0, 1, 4, 2, 5)
+        # Windows folded into the head axis, (B, nW*heads, N, hc): the bias then broadcasts over the batch
+        # as a 4-D view, which lets CPU SDPA use its fused kernel.
+        q, k, v = qkv.reshape(3, b, n_win * self.heads, n, hc).unbind(0)
+        bias = self._bias()[None]  # (1, heads, N, N)
         if mask is not None:  # (nW, N, N), -100 across shifted-window seams
-            bias = bias + mask.to(q.dtype)[:, None]  # (nW, heads, N, N)
-        # softmax(q k^T * hc^-0.5 + bias) v, the official math (scale applied to q there; same result).
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
-        )  # (B, nW, heads, N, hc)
-        out = out.permute(0, 1, 3, 2, 4).reshape(b, nh * nw, ws * ws, c)
+            bias = bias + mask[:, None]
+        bias = bias.expand(n_win, -1, -1, -1).reshape(n_win * self.heads, n, n)
+        out = _attention(q, k, v, bias.expand(b, -1, -1, -1), self.attn_drop if self.training else 0.0)
+        out = out.view(b, n_win, self.heads, n, hc).transpose(2, 3).reshape(b, n_win, n, c)
         out = self.proj_drop(self.proj_out(out))
         return out.view(b, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
@@ -286,11 +307,9 @@ class DeformableAttention(nn.Module):
             table = self.rpe_table.expand(b, -1, -1, -1).reshape(b * g, nh // g, 2 * h - 1, 2 * w - 1)
             grid = displacement.flip(-1).to(table.dtype)
             bias = F.grid_sample(table, grid, mode="bilinear", align_corners=True)
-            bias = bias.reshape(b, nh, h * w, ns).to(q.dtype)  # (B, heads, HW, Ns)
+            bias = bias.reshape(b, nh, h * w, ns)  # (B, heads, HW, Ns)
 
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
-        )  # (B, heads, HW, hc)
+        out = _attention(q, k, v, bias, self.attn_drop if self.training else 0.0)  # (B, heads, HW, hc)
         out = out.transpose(1, 2).reshape(b, h, w, c)
         y = self.proj_drop(_conv1x1(self.proj_out, out))
         if return_points:
