@@ -108,8 +108,7 @@ def _attention(
     The official code's math (it scales q first; same result). ``scaled_dot_product_attention`` is used
     where it has a fused kernel for it: on GPU, and on CPU when the bias needs no gradient (inference). When
     the bias is learned (training on CPU) PyTorch falls back to its unfused math path plus a "safe softmax"
-    pass, which the
-    explicit form below beats by ~1.2-1.8x (measured at DAT-T shapes).
+    pass, which the explicit form below beats by ~1.2-1.8x (measured at DAT-T shapes).
     """
     if bias is not None:
         bias = bias.to(q.dtype)
