@@ -243,6 +243,18 @@ def test_gradient_reaches_the_offset_network():
         assert attn.rpe_table.grad.abs().sum() > 0
 
 
+def test_training_and_inference_attention_paths_agree():
+    """With a trainable bias on CPU attention runs the explicit form; without grad the fused SDPA kernel."""
+    model = focalnet.create_model("dat_micro", num_classes=5).eval()
+    _deterministic_weights(model)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with_grad = model(x)
+    with torch.no_grad():
+        fused = model(x)
+    torch.testing.assert_close(with_grad.detach(), fused, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_grad.detach(), torch.tensor(OFFICIAL_MICRO_LOGITS), atol=1e-4, rtol=1e-4)
+
+
 def test_bf16_autocast_keeps_sampling_positions_in_fp32():
     model = focalnet.create_model("dat_micro").eval()
     x = torch.randn(2, 3, 64, 64)
