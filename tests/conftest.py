@@ -27,6 +27,15 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_enabled():
+    """Each test starts with autograd on: a test that switches it off globally must not break the next one."""
+    import torch
+
+    torch.set_grad_enabled(True)
+    yield
+
+
 def compose_config(overrides=(), run_dir: str | Path | None = None):
     from focalnet.engine.distributed import register_resolvers
 

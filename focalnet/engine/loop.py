@@ -30,6 +30,7 @@ class TrainState:
     best_metric: float | None = None
 
 
+@torch.enable_grad()  # whatever the caller's grad mode
 def train_one_epoch(
     model: nn.Module,
     loader,
