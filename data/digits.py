@@ -128,8 +128,7 @@ def materialize(root, *, store_size: int = 64, val_fraction: float = 0.2, jpeg_q
             json.dump(meta, f, indent=1)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary directory
         try:
-            if os.path.isdir(root) and not os.listdir(root):
-                os.rmdir(root)  # an empty placeholder (e.g. made by hand) may be replaced
+            # POSIX rename replaces an empty directory and fails on a non-empty one: the first writer wins.
             os.rename(tmp, root)
             log.info("wrote the digits ImageFolder to %s: %s", root, counts)
         except OSError:
