@@ -25,6 +25,7 @@ import functools
 import json
 import multiprocessing as mp
 import os
+import queue
 from collections import deque
 
 import numpy as np
@@ -65,6 +66,8 @@ def _decoder_classes():
         # FFCV's ResizedCropRGBImageDecoder loop plus a per-sample seed (splitmix64 of epoch seed, index).
         mem_read = op.memory_read
         my_range = Compiler.get_iterator()
+        # Fresh dispatchers per pipeline, as FFCV does: loaders compile lazily in their own threads, and
+        # sharing a dispatcher between two compiling threads races inside numba.
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
         get_crop_c = Compiler.compile(get_crop)
@@ -262,7 +265,7 @@ class FFCVEpochLoader:
         it = iter(self.loader)
         pending: deque = deque()
         try:
-            for b, (images, labels) in enumerate(it):
+            for b, (images, labels) in enumerate(_batches(it)):
                 torch.set_num_threads(threads)
                 batch_seeds = seeds[b * self.batch_size:(b + 1) * self.batch_size]
                 labels = labels.view(-1).long().clone()  # FFCV reuses its buffers: copy out
@@ -290,6 +293,27 @@ class FFCVEpochLoader:
 
     def __del__(self):
         self.close()
+
+
+def _batches(it):
+    """FFCV's ``EpochIterator.__next__``, but an exception in its worker thread raises instead of hanging.
+
+    FFCV's thread dies silently on an error (e.g. in numba compilation) and ``__next__`` then waits forever.
+    """
+    while True:
+        try:
+            item = it.output_queue.get(timeout=1.0)
+        except queue.Empty:
+            if not it.is_alive():
+                raise RuntimeError(f"FFCV's loader thread for {it.loader.fname} died; see its traceback above") from None
+            continue
+        if item is None:
+            it.close()
+            return
+        slot, result = item
+        if torch.cuda.is_available() and getattr(it, "cuda_streams", None):
+            it.current_stream.wait_stream(it.cuda_streams[slot])  # as FFCV does: the copy must be done
+        yield result
 
 
 def _augment_sample(tf: TrainSampleTransform, arr: np.ndarray, seed: int) -> np.ndarray:
