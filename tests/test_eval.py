@@ -78,12 +78,15 @@ def test_official_and_timm_files_of_the_same_weights_give_identical_results(trai
     sd = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)["model"]
     torch.save({"model": sd}, tmp_path / "official.pth")                          # microsoft/FocalNet layout
     torch.save(convert_official_to_timm(sd), tmp_path / "timm.pth")                # timm FocalNet state dict
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "other.pth")             # another trainer's layout
     ours = evaluate(compose_eval([f"checkpoint={trained / 'checkpoints' / 'last.pt'}", *DATA], tmp_path / "ours"))
     results = {}
-    for fmt in ("official", "timm"):
+    for fmt in ("official", "timm", "other"):
         r = evaluate(compose_eval([f"checkpoint={tmp_path / f'{fmt}.pth'}", *DATA], tmp_path / fmt))
-        assert r["format"] == fmt and r["model"] == "focalnet_micro" and r["model_source"] == "detected from the weights"
+        assert r["format"] == ("timm" if fmt == "timm" else "official") and r["model"] == "focalnet_micro"
+        assert r["model_source"] == "detected from the weights"
         results[fmt] = r
+    assert results["other"]["weights"] == "state_dict"
     # model=NAME explicitly, too.
     results["named"] = evaluate(compose_eval([f"checkpoint={tmp_path / 'timm.pth'}", "model=focalnet_micro", *DATA],
                                              tmp_path / "named"))
@@ -328,3 +331,21 @@ def test_torchrun_two_ranks_give_the_single_process_counts(trained, tmp_path):
     assert r["world_size"] == 2 and r["count"] == 64 and sum(x["count"] for x in r["per_class"]) == 64
     assert (r["top1"], r["top5"]) == (single["top1"], single["top5"])
     assert r["loss"] == pytest.approx(single["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("which", ["a", "r"])
+def test_22k_checkpoint_on_imagenet_a_and_r(which, tmp_path):
+    torch.manual_seed(2)
+    m22 = focalnet.create_model("focalnet_micro", num_classes=21842)
+    torch.save({"model": m22.state_dict()}, tmp_path / "in22k.pth")
+    wnids, indices = subset_classes(which)
+    teddy = imagenet1k_wnids()[850]
+    chosen = [wnids[0], teddy] if teddy in wnids else [wnids[0], wnids[1]]  # ImageNet-A has teddy bears, -R not
+    _write_images(tmp_path / "set", chosen, per_class=2)
+    r = evaluate(compose_eval([f"checkpoint={tmp_path / 'in22k.pth'}", f"eval_set={which}",
+                               f"eval_root={tmp_path / 'set'}", *IMG], tmp_path / "eval"))
+    assert r["head"] == "sliced 21842->1000" and r["count"] == 4 and r["num_classes"] == 200
+    if which == "a":
+        assert (r["count_class_850"], r["count_excl_850"]) == (2, 2)
+    else:
+        assert "count_class_850" not in r

@@ -135,7 +135,13 @@ def read_checkpoint(path: str, weights: str) -> tuple[dict, dict | None, str | N
     if weights == "ema" and not has_ema:
         raise CheckpointError(f"weights=ema but {path} has no EMA weights (trained with trainer.ema_decay=null, or "
                               f"not one of our checkpoints); use weights=model")
-    sd, used, _ = read_state_dict(obj, "ema" if weights == "ema" else "model")
+    key = "ema" if weights == "ema" else "model"
+    if weights == "auto" and "model" not in obj:
+        # Other trainers' files ({"state_dict": ...}, {"module": ...}): the one entry holding weights, if unique.
+        nested = [k for k, v in obj.items() if isinstance(v, Mapping) and v and
+                  all(isinstance(t, torch.Tensor) for t in v.values())]
+        key = nested[0] if len(nested) == 1 else key
+    sd, used, _ = read_state_dict(obj, key)
     if weights == "model" and used != "model" and "model" in obj:
         raise CheckpointError(f"{path}: its 'model' entry holds no weights")
     config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
@@ -344,11 +350,11 @@ def run_accuracy(cfg: dict) -> dict:
     model_classes = IN1K_CLASSES if es.class_indices is not None else es.num_classes
     model, report = build_eval_model(cfg, model_classes)
     sliced = report.get("head", "").startswith("sliced")
-    missing = None
-    if sliced:  # 22K head on a 1K class space: class 850 has no trained positive row
-        missing = es.class_indices.index(MISSING_22K_CLASS) if es.class_indices else MISSING_22K_CLASS
-        if es.class_indices is not None and MISSING_22K_CLASS not in es.class_indices:
-            missing = None
+    missing = None  # the eval-set class whose 22K head row was never trained on a positive (ImageNet-1K 850)
+    if sliced and es.class_indices is None:
+        missing = MISSING_22K_CLASS
+    elif sliced and MISSING_22K_CLASS in es.class_indices:  # ImageNet-A has teddy bears, ImageNet-R does not
+        missing = es.class_indices.index(MISSING_22K_CLASS)
     keep_topk = 6 if missing is not None else 5  # one spare rank for when class 850 is dropped
 
     model.to(device)
