@@ -14,7 +14,7 @@ makes around every modulation (and timm's NCHW LayerNorm2d makes around every no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -415,7 +415,7 @@ class FocalNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_features_multiscale(
-        self, x: torch.Tensor, out_indices: Sequence[int] = (0, 1, 2, 3), norms: nn.ModuleDict | None = None
+        self, x: torch.Tensor, out_indices: Sequence[int] = (0, 1, 2, 3), norms: Mapping[str, nn.Module] | None = None
     ) -> list[torch.Tensor]:
         """Stage outputs before each downsample, as (B, C_i, H/s_i, W/s_i) with s_i = 4, 8, 16, 32.
 
