@@ -42,6 +42,7 @@ from focalnet.engine.build import (
 )
 from focalnet.engine.checkpointing import (
     capture_rng,
+    link_or_copy_atomic,
     load_file,
     restore_rng,
     resume_path,
@@ -231,8 +232,9 @@ class TrainRun:
             "rng": rngs, "world_size": self.info.world_size,
             "config": self.cfg, "best_metric": self.state.best_metric, "wandb_id": self.wandb_id,
         }
-        for n in (name, *also):
-            save_atomic(obj, self.ckpt_dir / n)
+        save_atomic(obj, self.ckpt_dir / name)
+        for n in also:  # best.pt / epoch_N.pt: the same bytes, linked instead of written again
+            link_or_copy_atomic(self.ckpt_dir / name, self.ckpt_dir / n)
 
     # -- per-update hook ---------------------------------------------------------------------------------
 
@@ -252,8 +254,6 @@ class TrainRun:
             if self.amp.scaler.is_enabled():
                 metrics["train/loss_scale"] = self.amp.scaler.get_scale()
                 metrics["train/skipped_steps"] = int(self.amp.skipped.item())
-            if not math.isfinite(metrics["train/loss"]) and not self.amp.scaler.is_enabled():
-                raise RuntimeError(f"train loss is {metrics['train/loss']} at step {step}")  # grads were finite
             self.logger.log(metrics, step=step)
             if self.pbar is not None:
                 self.pbar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
