@@ -12,7 +12,8 @@ identical on every torchrun rank (rank 0 picks it and broadcasts). ``FOCALNET_RU
 a requeued/restarted job finds its ``checkpoints/last.pt`` again with ``trainer.resume=auto`` (the default).
 Sweep from outside torchrun: ``-m`` inside torchrun makes every rank run the whole sweep.
 
-Exit codes: 0 done; 1 error (config errors name the key and the allowed values); 75 (EX_TEMPFAIL) stopped by
+Exit codes: 0 done; 1 error (Hydra: unknown override key); 2 invalid config (the message names the key and
+the allowed values); 75 (EX_TEMPFAIL) stopped by
 SIGTERM/SIGUSR1 after saving ``checkpoints/last.pt`` — relaunch the same command to continue exactly.
 """
 
@@ -29,12 +30,15 @@ register_resolvers()  # ${run_id:} and ${rank_suffix:} are used by conf/config.y
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from focalnet.engine import EXIT_PREEMPTED, TrainingPreempted, train
+    from focalnet.engine import EXIT_PREEMPTED, ConfigError, TrainingPreempted, train
 
     OmegaConf.resolve(cfg)          # ${hydra:...} and interpolations, once, on this rank
     OmegaConf.set_readonly(cfg, True)
     try:
         result = train(cfg)
+    except ConfigError as e:        # the message names the key and what is allowed; no traceback needed
+        logging.getLogger("train").error("%s", e)
+        sys.exit(2)
     except TrainingPreempted as e:
         logging.getLogger("train").warning("%s", e)
         sys.exit(EXIT_PREEMPTED)

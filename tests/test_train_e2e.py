@@ -187,13 +187,13 @@ def test_multirun_sweep_gives_two_runs_and_two_wandb_runs(tmp_path):
     assert len(ids) == 2 and lrs == {1e-3, 2e-3}
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("trainer.epochz=3", "epochz"),             # misspelled key: Hydra's struct check
-    ("trainer.amp=fp8", "trainer.amp"),         # wrong value: our validation, with the allowed values
-    ("trainer.epochs=-1", "trainer.epochs"),
+@pytest.mark.parametrize("override, expected, code", [
+    ("trainer.epochz=3", "epochz", 1),                                 # misspelled key: Hydra's struct check
+    ("trainer.amp=fp8", "trainer.amp='fp8' is not allowed; it must be one of: bf16, fp16, none", 2),
+    ("trainer.epochs=-1", "trainer.epochs=-1 is not allowed", 2),      # our validation, before any work
 ])
-def test_invalid_configs_exit_nonzero_naming_the_key(tmp_path, override, expected):
+def test_invalid_configs_exit_nonzero_naming_the_key(tmp_path, override, expected, code):
     proc = run_train([override, f"hydra.run.dir={tmp_path / 'run'}"])
-    assert proc.returncode != 0
+    assert proc.returncode == code
     assert expected in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
