@@ -127,6 +127,9 @@ class TrainRun:
             raise RuntimeError(f"ranks disagree on the run directory: {dirs}; set FOCALNET_RUN_ID or hydra.run.dir")
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = resolve_device(t["device"], info.local_rank)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest conv kernels once
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts (amp=none, the loss)
 
         # Data.
         self.loaders = data_lib.build_loaders(OmegaConf.create(cfg["data"]), OmegaConf.create(cfg["aug"]),
