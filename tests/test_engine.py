@@ -3,6 +3,7 @@ checkpoint files and RNG capture, the run id, and gradient accumulation through 
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TINY
 
 import focalnet
 from focalnet.engine import distributed as D
@@ -253,3 +255,21 @@ def test_init_from_loads_weights_only(compose_cfg, tmp_path):
     model = build_model(validate_config(compose_cfg())["model"])
     init_weights_from(model, str(tmp_path / "pretrained.pt"))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+
+
+def test_skipped_images_from_the_loader_are_logged(compose_cfg, tmp_path):
+    """The folder pipeline skips and counts undecodable files; the engine sums the count over ranks and logs it."""
+    from data.imagegen import write_bad_image, write_image_folder
+
+    root = tmp_path / "images"
+    write_image_folder(str(root / "train"), 2, 4, size=(48, 40))
+    write_image_folder(str(root / "val"), 2, 1, size=(48, 40), seed=1)
+    for kind in ("corrupt", "truncated", "zero_byte"):
+        write_bad_image(str(root / "train" / "n00000000" / f"bad_{kind}.JPEG"), kind)
+    tiny_without_synthetic_data = [o for o in TINY if not o.startswith("data")]
+    cfg = compose_cfg(*tiny_without_synthetic_data, "data=folder", f"data.root={root}", "data.num_workers=0",
+                      "data.batch_size=4", "data.img_size=32", "trainer.epochs=2", "trainer.eval_every=0", tiny=False)
+    train(cfg)
+    metrics = [json.loads(line) for line in (Path(cfg.paths.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    skipped = [m["train/skipped_images"] for m in metrics if "train/skipped_images" in m]
+    assert len(skipped) == 2 and skipped[-1] > 0  # one record per epoch, a running count
