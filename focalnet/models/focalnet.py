@@ -56,7 +56,7 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 class _OneDNNLinearFn(torch.autograd.Function):
-    """Linear with oneDNN forward and input-gradient; the weight gradient (inner dim = tokens) uses BLAS."""
+    """Linear whose forward and both gradients are oneDNN matmuls (the weight gradient reads transposed views)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -67,13 +67,17 @@ class _OneDNNLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad = grad.contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn_linear(grad, weight.t().contiguous(), None)  # (..., N) @ (N, K)
-        g2 = grad.view(-1, grad.shape[-1])  # (M, N)
+            grad_x = _onednn_linear(grad, weight.t(), None)  # (..., N) @ (N, K); the weight view is not copied
+        g2 = grad.reshape(-1, grad.shape[-1])  # (M, N)
         if ctx.needs_input_grad[1]:
-            grad_w = g2.t() @ x.reshape(-1, x.shape[-1])  # (N, M) @ (M, K)
+            # oneDNN copies a transposed *input* to contiguous, so transpose the narrower (M, .) operand.
+            x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+            if g2.shape[1] <= x2.shape[1]:
+                grad_w = _onednn_linear(g2.t(), x2.t(), None)  # (N, M) @ (M, K)
+            else:
+                grad_w = _onednn_linear(x2.t(), g2.t(), None).t().contiguous()  # ((K, M) @ (M, N))^T
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b
