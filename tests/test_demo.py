@@ -167,7 +167,7 @@ def run_demo_script(args, cache: Path, timeout=900) -> subprocess.CompletedProce
 
 @pytest.mark.slow
 def test_demo_learns_and_writes_both_pngs(tmp_path):
-    """`make demo`, shortened to 4 of its 15 epochs: far above chance (10%), both PNGs, the closing message."""
+    """`make demo`, shortened to 4 of its 12 epochs: far above chance (10%), both PNGs, the closing message."""
     run_dir = tmp_path / "demo"
     proc = run_demo_script(["--run-dir", str(run_dir), "--num-images", "3", "trainer.epochs=4"], tmp_path / "cache")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
