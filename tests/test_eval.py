@@ -291,6 +291,13 @@ def test_throughput_mode_prints_its_table(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_cli_bad_config_exits_2_with_the_message(tmp_path):
+    out = run_eval([*DATA, f"hydra.run.dir={tmp_path}"])
+    assert out.returncode == 2 and "checkpoint is not set" in out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
 def test_cli_throughput_table_with_fp16(tmp_path):
     out = run_eval(["mode=throughput", "model=focalnet_micro", "data=synthetic", "data.img_size=32",
                     "throughput.batch_size=4", "throughput.warmup_iters=1", "throughput.iters=2",
