@@ -160,6 +160,12 @@ def test_visualize_modulation_maps_and_png(digits_root, tmp_path):
     assert png.format == "PNG" and png.size[1] > 300  # 4 rows of maps
 
 
+def test_make_demo_runs_the_demo_script():
+    """`make demo` must do everything (train, plots, maps, closing message): that is scripts/demo.py."""
+    proc = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "scripts/demo.py" in proc.stdout, proc.stdout + proc.stderr
+
+
 def run_demo_script(args, cache: Path, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "scripts/demo.py", *args], cwd=ROOT, env=train_env(FOCALNET_CACHE=str(cache)),
                           capture_output=True, text=True, timeout=timeout)
