@@ -498,7 +498,9 @@ class FocalNet(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean((1, 2))  # (B, C): average over tokens
-        return x if pre_logits else self.head(x)
+        if pre_logits:
+            return x
+        return linear(x, self.head.weight, self.head.bias) if isinstance(self.head, nn.Linear) else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
