@@ -215,6 +215,12 @@ def test_focal_modulation_layouts_agree():
     mod_cf = FocalModulation(16, focal_window=3, focal_level=3, use_postln_in_modulation=True, channels_first=True)
     mod_cf.load_state_dict(mod.state_dict())
     torch.testing.assert_close(mod_cf(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), out_last, rtol=0, atol=1e-6)
+    # Training: the same input gradients in both layouts.
+    x_last = x.clone().requires_grad_()
+    x_first = x.permute(0, 3, 1, 2).contiguous().requires_grad_()
+    mod(x_last).square().sum().backward()
+    mod_cf(x_first).square().sum().backward()
+    torch.testing.assert_close(x_first.grad.permute(0, 2, 3, 1), x_last.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_focal_modulation_maps_only_when_asked():
