@@ -43,7 +43,7 @@ bench: install
 	$(BIN)/python scripts/bench_data.py
 
 demo: install
-	$(BIN)/python train.py experiment=demo
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
