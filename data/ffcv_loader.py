@@ -66,11 +66,12 @@ def _decoder_classes():
         # FFCV's ResizedCropRGBImageDecoder loop plus a per-sample seed (splitmix64 of epoch seed, index).
         mem_read = op.memory_read
         my_range = Compiler.get_iterator()
-        # Fresh dispatchers per pipeline, as FFCV does: loaders compile lazily in their own threads, and
-        # sharing a dispatcher between two compiling threads races inside numba.
-        imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
-        get_crop_c = Compiler.compile(get_crop)
+        # Helpers are compiled once per decoder (one loader: its epochs never compile concurrently) and
+        # reused by each epoch's recompiled loop. Not shared between loaders: two loader threads compiling
+        # one dispatcher at once race inside numba; and dropping a dispatcher trips a numba finalizer bug.
+        if getattr(op, "_helpers", None) is None:
+            op._helpers = tuple(Compiler.compile(f) for f in (imdecode, resize_crop, get_crop))
+        imdecode_c, resize_crop_c, get_crop_c = op._helpers
         scale = np.array(op.scale if op.scale is not None else (1.0, 1.0))
         ratio = np.array(op.ratio) if isinstance(op.ratio, tuple) else op.ratio
         base = np.uint64(op.epoch_seed)
@@ -153,16 +154,27 @@ def label_pipeline() -> list:
 _POOL_TRANSFORM: TrainSampleTransform | None = None
 
 
-def _pool_init(transform: TrainSampleTransform) -> None:
-    global _POOL_TRANSFORM
-    _POOL_TRANSFORM = transform
+_POOL_FINISHER: BatchFinisher | None = None
+
+
+def _pool_init(transform: TrainSampleTransform, finisher: BatchFinisher) -> None:
+    global _POOL_TRANSFORM, _POOL_FINISHER
+    _POOL_TRANSFORM, _POOL_FINISHER = transform, finisher
     torch.set_num_threads(1)
 
 
+def finish_sample(tf: TrainSampleTransform, finisher: BatchFinisher, arr: np.ndarray, seed: int,
+                  preserve: bool) -> np.ndarray:
+    """(S, S, 3) uint8 FFCV crop -> flip, RandAugment, normalize, erasing -> (3, S, S) float32."""
+    with seeded(seed, preserve=preserve):
+        out = tf.augment_array(np.array(arr, copy=True))
+    x = torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).unsqueeze(0)  # (1, 3, S, S) uint8
+    return finisher(x, [seed], preserve=preserve)[0].contiguous().numpy()
+
+
 def _augment_one(item: tuple[np.ndarray, int]) -> np.ndarray:
-    arr, seed = item
-    with seeded(seed):
-        return _POOL_TRANSFORM.augment_array(arr)
+    arr, seed = item  # in a pool process: its global RNGs are its own, no need to restore them
+    return finish_sample(_POOL_TRANSFORM, _POOL_FINISHER, arr, seed, preserve=False)
 
 
 def read_sidecar(path: str) -> dict:
@@ -199,7 +211,7 @@ class FFCVEpochLoader:
         # Fork the augmentation pool before FFCV starts any thread in this process.
         self.pool = None
         if train and self.num_workers > 0:
-            self.pool = mp.get_context("fork").Pool(self.num_workers, _pool_init, (self.sample_tf,))
+            self.pool = mp.get_context("fork").Pool(self.num_workers, _pool_init, (self.sample_tf, self.finisher))
 
         class EpochOrder(TraversalOrder):
             order = np.arange(0, dtype=np.uint64)
@@ -246,7 +258,7 @@ class FFCVEpochLoader:
     def _augment(self, images: np.ndarray, seeds: list[int]):
         items = list(zip(images, seeds))
         if self.pool is None:
-            return [_augment_sample(self.sample_tf, a, s) for a, s in items]
+            return [finish_sample(self.sample_tf, self.finisher, a, s, preserve=True) for a, s in items]
         return self.pool.map_async(_augment_one, items, chunksize=max(1, -(-len(items) // self.num_workers)))
 
     def __iter__(self):
@@ -283,8 +295,7 @@ class FFCVEpochLoader:
 
     def _finish(self, result, labels, batch_seeds):
         arrays = result.get() if hasattr(result, "get") else result
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, S, S, 3) -> (B, 3, S, S) uint8
-        return self.finisher(x, batch_seeds).contiguous(), labels
+        return torch.from_numpy(np.stack(arrays)), labels  # (B, 3, S, S) float32, finished per sample
 
     def close(self) -> None:
         if self.pool is not None:
@@ -314,11 +325,6 @@ def _batches(it):
         if torch.cuda.is_available() and getattr(it, "cuda_streams", None):
             it.current_stream.wait_stream(it.cuda_streams[slot])  # as FFCV does: the copy must be done
         yield result
-
-
-def _augment_sample(tf: TrainSampleTransform, arr: np.ndarray, seed: int) -> np.ndarray:
-    with seeded(seed):
-        return tf.augment_array(np.array(arr, copy=True))
 
 
 def _beton_path(data_cfg, key: str) -> str:

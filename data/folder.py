@@ -19,8 +19,9 @@ Layouts
   ``data.root``) with one ``relative/path<TAB>label`` per line; paths are relative to
   ``data.root/data.image_dir``. Labels are taken as written.
 
-Every dataset yields ``(uint8 image (3, S, S), label, sample seed)``; :class:`FolderEpochLoader` turns
-batches into the contract's normalized float batches (see :mod:`data.transforms`). Unreadable images are
+Every dataset yields ``(uint8 image (3, S, S), label, sample seed)``; the loader's collate function
+(:class:`data.transforms.FinishingCollate`, in the worker) turns them into the contract's normalized float
+batches with per-sample random erasing. Unreadable images are
 skipped, counted in shared memory (workers are processes) and replaced deterministically by the next
 index, so every rank keeps the same batch count and size.
 """
@@ -33,13 +34,14 @@ import os
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from data.loaders import EpochLoader, Loaders, register_builder
 from data.transforms import (
     BadImage,
     BatchFinisher,
     EvalSampleTransform,
+    FinishingCollate,
     TrainSampleTransform,
     open_image,
     seeded,
@@ -181,7 +183,8 @@ class ImageFileDataset(Dataset):
         for attempt in range(_MAX_REPLACEMENTS):
             path, label = self.samples[index]
             try:
-                with seeded(seed):
+                # In a worker process nobody else reads the global RNGs: seed without save/restore.
+                with seeded(seed, preserve=get_worker_info() is None):
                     image = self.transform(open_image(path))
                 return image, label, seed
             except BadImage as e:
@@ -197,15 +200,12 @@ class ImageFileDataset(Dataset):
 
 
 class FolderEpochLoader(EpochLoader):
-    """:class:`EpochLoader` whose uint8 batches are normalized (and erased, in training) by a finisher."""
+    """:class:`EpochLoader` whose uint8 samples are finished into normalized float batches (with random
+    erasing in training) by ``finisher`` inside the collate function, i.e. in the loader workers."""
 
     def __init__(self, dataset: ImageFileDataset, finisher: BatchFinisher, **kwargs):
-        super().__init__(dataset, **kwargs)
+        super().__init__(dataset, collate_fn=FinishingCollate(finisher), **kwargs)
         self.finisher = finisher
-
-    def __iter__(self):
-        for images, targets, seeds in self.loader:
-            yield self.finisher(images, seeds), targets
 
 
 def make_loaders(train_samples: list[Sample], val_samples: list[Sample], num_classes: int, data_cfg, aug_cfg,

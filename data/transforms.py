@@ -56,23 +56,37 @@ class BadImage(Exception):
     """An image file that cannot be decoded (corrupt, truncated, empty); the dataset skips and counts it."""
 
 
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Seed Python, NumPy and torch (CPU) RNGs for one sample, restoring the caller's states afterwards.
+def seed_all(seed: int) -> None:
+    """Seed the global Python, NumPy and torch (CPU) generators: timm's transforms draw from all three."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also walks every accelerator
 
-    timm's transforms draw from all three global generators. Restoring matters when this runs in the
-    main process (``num_workers=0``, the FFCV finisher): the training loop's RNG stream stays untouched.
-    """
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % (1 << 32))
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Restore the caller's global RNG states on exit, so per-sample seeding in the main process
+    (``num_workers=0``, the batch finisher) leaves the training loop's random stream untouched."""
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, preserve: bool = True):
+    """Run a block with all global RNGs seeded by ``seed``; ``preserve=False`` in worker processes,
+    whose global state nobody else reads (saving and restoring it costs as much as a small transform)."""
+    if not preserve:
+        seed_all(seed)
+        yield
+        return
+    with preserved_rng():
+        seed_all(seed)
+        yield
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -128,8 +142,12 @@ def load_rgb(path_or_bytes) -> Image.Image:
 
 
 def _pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
-    # (H, W, 3) uint8 -> (3, H, W); np.array copies so the tensor owns writable memory.
-    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    """(H, W, 3) PIL -> (3, H, W) uint8 *view* in channels-last memory: no extra copy. torch's antialiased
+    uint8 resize is fastest on channels-last input, and batch stacking makes the one copy we need."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if not arr.flags.writeable:  # PIL hands out a read-only buffer; we never write into it, but torch warns
+        arr = np.require(arr, requirements="W")
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def _aug_get(aug_cfg, key, default):
@@ -192,7 +210,7 @@ class TrainSampleTransform:
         """uint8 (3, H, W) cropped image -> RandAugment'ed uint8 (3, H, W) (timm's ops work on PIL)."""
         if not self.secondary.transforms:
             return x
-        img = Image.fromarray(x.permute(1, 2, 0).numpy())
+        img = Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).numpy()))  # channels-last: no copy
         return _pil_to_uint8_tensor(self.secondary(img))
 
     def augment_array(self, arr: np.ndarray) -> np.ndarray:
@@ -235,23 +253,46 @@ class EvalSampleTransform:
 
 
 class BatchFinisher:
-    """uint8 (B, 3, H, W) + per-sample seeds -> normalized float batch with per-sample RandomErasing."""
+    """uint8 (B, 3, H, W) + per-sample seeds -> normalized float batch with per-sample RandomErasing.
+
+    Runs where the batch is assembled: in the loader worker (as the DataLoader's collate function, see
+    :class:`FinishingCollate`) or in the FFCV path's augmentation processes, so the main process only
+    receives finished batches. ``preserve=True`` when it runs in the main process (``num_workers=0``).
+    """
 
     def __init__(self, aug_cfg=None, *, train: bool, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD):
-        self.mean = torch.tensor([255.0 * m for m in mean]).view(1, 3, 1, 1)
-        self.std = torch.tensor([255.0 * s for s in std]).view(1, 3, 1, 1)
+        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
         reprob = float(_aug_get(aug_cfg, "reprob", 0.0)) if train else 0.0
         self.erase = None
         if reprob > 0:
             self.erase = RandomErasing(probability=reprob, mode=_aug_get(aug_cfg, "remode", "pixel"),
                                        max_count=int(_aug_get(aug_cfg, "recount", 1)), device="cpu")
 
-    def __call__(self, images: torch.Tensor, seeds: torch.Tensor | Sequence[int] | None) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std  # (B, 3, H, W) float32, normalized
+    def __call__(self, images: torch.Tensor, seeds: torch.Tensor | Sequence[int] | None,
+                 preserve: bool = True) -> torch.Tensor:
+        # (x / 255 - mean) / std, one sample at a time: a sample fits in cache, a float batch does not.
+        x = torch.empty(images.shape, dtype=torch.float32)  # (B, 3, H, W)
+        for i in range(images.shape[0]):
+            torch.addcmul(self.shift, images[i].float(), self.scale, out=x[i])
         if self.erase is not None:
-            for i, s in enumerate(seeds.tolist() if torch.is_tensor(seeds) else seeds):
-                # A seed distinct from the one the worker used, so erasing is independent of the crop.
-                with seeded((int(s) * 0x9E3779B1 + 0x7F4A7C15) & ((1 << 63) - 1)):
+            with preserved_rng() if preserve else contextlib.nullcontext():
+                for i, s in enumerate(seeds.tolist() if torch.is_tensor(seeds) else seeds):
+                    # A seed distinct from the one the worker used, so erasing is independent of the crop.
+                    seed_all((int(s) * 0x9E3779B1 + 0x7F4A7C15) & ((1 << 63) - 1))
                     x[i] = self.erase(x[i])
         return x
+
+
+class FinishingCollate:
+    """DataLoader ``collate_fn``: stack ``(uint8 image, label, seed)`` samples, then finish the batch."""
+
+    def __init__(self, finisher: BatchFinisher):
+        self.finisher = finisher
+
+    def __call__(self, samples):
+        images = torch.stack([s[0] for s in samples])  # (B, 3, S, S) uint8
+        labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+        in_main = torch.utils.data.get_worker_info() is None
+        return self.finisher(images, [s[2] for s in samples], preserve=in_main), labels
