@@ -155,6 +155,7 @@ def run_id() -> str:
 
 def rank_suffix() -> str:
     """``""`` on rank 0, ``"_rank<N>"`` elsewhere: per-rank log file names (several ranks, one file = garbage)."""
+    _adopt_submitit_env()  # submitit tasks learn their rank here: Hydra opens the log file before train() runs
     rank = int(os.environ.get("RANK", 0))
     return "" if rank == 0 else f"_rank{rank}"
 
@@ -163,5 +164,7 @@ def register_resolvers() -> None:
     """Register ``${run_id:}`` and ``${rank_suffix:}`` with OmegaConf (idempotent)."""
     from omegaconf import OmegaConf
 
-    OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+    # use_cache: the value resolved by the submitting process travels with the pickled config (and Hydra's
+    # copy_cache) into every submitit job and requeue, so they all land in the same sweep/run directory.
+    OmegaConf.register_new_resolver("run_id", run_id, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("rank_suffix", rank_suffix, replace=True)

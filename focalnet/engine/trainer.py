@@ -55,7 +55,7 @@ from focalnet.engine.loop import TrainState, train_one_epoch, validate
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # USR2: submitit (hydra/launcher=slurm)
 
 
 class TrainingPreempted(Exception):
@@ -98,6 +98,13 @@ class _PreemptFlag:
 
     def _handle(self, signum, frame):
         self.signum = signum
+
+    def chain(self) -> None:
+        """Pass the signal on to the handler installed before ours, once ``last.pt`` is saved: under
+        hydra-submitit-launcher that is submitit's checkpoint-and-requeue (rank 0 requeues the job and exits)."""
+        previous = self._previous.get(self.signum)
+        if callable(previous):
+            previous(self.signum, None)
 
     def __exit__(self, *exc):
         for s, h in self._previous.items():
@@ -338,6 +345,8 @@ class TrainRun:
                 log.warning("signal %s: saved %s at step %d; exiting with code %d (resume with "
                             "trainer.resume=auto)", self.preempt.signum, self.ckpt_dir / "last.pt", state.step,
                             EXIT_PREEMPTED)
+                failed = False          # a clean stop: the next launch resumes this run (and its W&B run)
+                self.preempt.chain()    # submitit: requeue this job with the same config, then exit
                 raise TrainingPreempted(f"preempted at step {state.step}; checkpoint {self.ckpt_dir / 'last.pt'}")
             fingerprints = D.all_gather_object(weights_fingerprint(self.model))
             summary = {"final/step": state.step, "final/params_in_sync": len(set(fingerprints)) == 1,
