@@ -150,31 +150,34 @@ def label_pipeline() -> list:
     return [IntDecoder(), ToTensor()]
 
 
-# Process-pool side of the per-sample stage: the transform is inherited at fork, not pickled per task.
-_POOL_TRANSFORM: TrainSampleTransform | None = None
+# Process-pool side of the per-sample stage. The transform and two shared-memory batch rings (uint8 crops in,
+# finished float images out) are inherited at fork: tasks carry only (slot, range, seeds), because pushing
+# 750 KB per image through the pool's pipes costs about as much as RandAugment itself.
+_POOL: dict = {}
+_RING_SLOTS = 3  # batches in flight in the pool (2) + one being copied out
 
 
-_POOL_FINISHER: BatchFinisher | None = None
-
-
-def _pool_init(transform: TrainSampleTransform, finisher: BatchFinisher) -> None:
-    global _POOL_TRANSFORM, _POOL_FINISHER
-    _POOL_TRANSFORM, _POOL_FINISHER = transform, finisher
+def _pool_init(transform: TrainSampleTransform, finisher: BatchFinisher, ring_in: torch.Tensor,
+               ring_out: torch.Tensor) -> None:
+    _POOL.update(transform=transform, finisher=finisher, ring_in=ring_in, ring_out=ring_out)
     torch.set_num_threads(1)
 
 
 def finish_sample(tf: TrainSampleTransform, finisher: BatchFinisher, arr: np.ndarray, seed: int,
-                  preserve: bool) -> np.ndarray:
-    """(S, S, 3) uint8 FFCV crop -> flip, RandAugment, normalize, erasing -> (3, S, S) float32."""
+                  preserve: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(S, S, 3) uint8 FFCV crop -> flip, RandAugment, normalize, erasing -> (3, S, S) float32 (in ``out``)."""
     with seeded(seed, preserve=preserve):
-        out = tf.augment_array(np.array(arr, copy=True))
-    x = torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).unsqueeze(0)  # (1, 3, S, S) uint8
-    return finisher(x, [seed], preserve=preserve)[0].contiguous().numpy()
+        aug = tf.augment_array(arr)  # PIL copies ``arr`` on the way in
+    x = torch.from_numpy(np.require(aug, requirements="W")).permute(2, 0, 1)  # (3, S, S) uint8 view
+    return finisher.finish_one(x, seed, out=out, preserve=preserve)
 
 
-def _augment_one(item: tuple[np.ndarray, int]) -> np.ndarray:
-    arr, seed = item  # in a pool process: its global RNGs are its own, no need to restore them
-    return finish_sample(_POOL_TRANSFORM, _POOL_FINISHER, arr, seed, preserve=False)
+def _augment_range(task: tuple[int, int, int, list[int]]) -> None:
+    slot, lo, hi, seeds = task  # a pool process: its global RNGs are its own, no need to restore them
+    ring_in, ring_out = _POOL["ring_in"], _POOL["ring_out"]
+    for i, seed in zip(range(lo, hi), seeds):
+        finish_sample(_POOL["transform"], _POOL["finisher"], ring_in[slot, i].numpy(), seed, preserve=False,
+                      out=ring_out[slot, i])
 
 
 def read_sidecar(path: str) -> dict:
@@ -211,7 +214,11 @@ class FFCVEpochLoader:
         # Fork the augmentation pool before FFCV starts any thread in this process.
         self.pool = None
         if train and self.num_workers > 0:
-            self.pool = mp.get_context("fork").Pool(self.num_workers, _pool_init, (self.sample_tf, self.finisher))
+            size = int(img_size)
+            self.ring_in = torch.empty((_RING_SLOTS, batch_size, size, size, 3), dtype=torch.uint8).share_memory_()
+            self.ring_out = torch.empty((_RING_SLOTS, batch_size, 3, size, size)).share_memory_()
+            self.pool = mp.get_context("fork").Pool(self.num_workers, _pool_init, (
+                self.sample_tf, self.finisher, self.ring_in, self.ring_out))
 
         class EpochOrder(TraversalOrder):
             order = np.arange(0, dtype=np.uint64)
@@ -255,11 +262,17 @@ class FFCVEpochLoader:
         # that summing skipped_images over ranks and epochs stays a count of read-time skips).
         return {"skipped_images": 0, "skipped_at_write": self.skipped_at_write}
 
-    def _augment(self, images: np.ndarray, seeds: list[int]):
-        items = list(zip(images, seeds))
+    def _augment(self, b: int, images: torch.Tensor, seeds: list[int]):
+        """Start the per-sample stage for batch ``b``; returns what :meth:`_finish` needs."""
+        n = images.shape[0]
         if self.pool is None:
-            return [finish_sample(self.sample_tf, self.finisher, a, s, preserve=True) for a, s in items]
-        return self.pool.map_async(_augment_one, items, chunksize=max(1, -(-len(items) // self.num_workers)))
+            return [finish_sample(self.sample_tf, self.finisher, a, s, preserve=True) for a, s in
+                    zip(images.numpy(), seeds)], None, n
+        slot = b % _RING_SLOTS
+        self.ring_in[slot, :n].copy_(images)  # (n, S, S, 3) uint8, FFCV's buffer is reused after this
+        step = -(-n // self.num_workers)
+        tasks = [(slot, lo, min(lo + step, n), seeds[lo:lo + step]) for lo in range(0, n, step)]
+        return self.pool.map_async(_augment_range, tasks), slot, n
 
     def __iter__(self):
         pairs = list(self.sampler)  # [(position in self.valid, sample seed)] for this rank, from start_batch
@@ -285,7 +298,7 @@ class FFCVEpochLoader:
                     x = images.permute(0, 3, 1, 2)  # (B, S, S, 3) uint8 view -> (B, 3, S, S)
                     yield self.finisher(x, batch_seeds).contiguous(), labels
                     continue
-                pending.append((self._augment(images.numpy(), batch_seeds), labels, batch_seeds))
+                pending.append((*self._augment(b, images, batch_seeds), labels))
                 if len(pending) > 1:  # keep one batch in flight in the pool while the caller trains
                     yield self._finish(*pending.popleft())
             while pending:
@@ -293,9 +306,11 @@ class FFCVEpochLoader:
         finally:
             it.close()
 
-    def _finish(self, result, labels, batch_seeds):
-        arrays = result.get() if hasattr(result, "get") else result
-        return torch.from_numpy(np.stack(arrays)), labels  # (B, 3, S, S) float32, finished per sample
+    def _finish(self, result, slot, n, labels):
+        if slot is None:
+            return torch.stack(result), labels  # (B, 3, S, S) float32, finished inline
+        result.get()  # re-raises a pool error here
+        return self.ring_out[slot, :n].clone(), labels  # a copy: the slot is reused two batches later
 
     def close(self) -> None:
         if self.pool is not None:

@@ -23,10 +23,12 @@ import contextlib
 import io
 import math
 import random
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFile, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
@@ -47,6 +49,9 @@ def _posterize_any_pillow(img: Image.Image, bits_to_keep: int, **__) -> Image.Im
 
 for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
     _auto_augment.NAME_TO_OP[_name] = _posterize_any_pillow
+
+_NEAREST = TF.InterpolationMode.NEAREST
+_TORCH_MODES = {TF.InterpolationMode.BICUBIC: "bicubic", TF.InterpolationMode.BILINEAR: "bilinear", _NEAREST: "nearest"}
 
 # Truncated files must fail loudly (and be skipped and counted), not decode to half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -145,9 +150,9 @@ def _pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     """(H, W, 3) PIL -> (3, H, W) uint8 *view* in channels-last memory: no extra copy. torch's antialiased
     uint8 resize is fastest on channels-last input, and batch stacking makes the one copy we need."""
     arr = np.asarray(img, dtype=np.uint8)
-    if not arr.flags.writeable:  # PIL hands out a read-only buffer; we never write into it, but torch warns
-        arr = np.require(arr, requirements="W")
-    return torch.from_numpy(arr).permute(2, 0, 1)
+    with warnings.catch_warnings():  # PIL's buffer is read-only; nothing writes into it (copying costs 0.1 ms)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def _aug_get(aug_cfg, key, default):
@@ -198,30 +203,33 @@ class TrainSampleTransform:
         draft = (math.ceil(full_w / reduce), math.ceil(full_h / reduce)) if reduce > 1 else None
         rgb = decode_rgb(img, draft)
         sx, sy = rgb.size[0] / full_w, rgb.size[1] / full_h  # 1, 1/2, 1/4 or 1/8 after a draft
-        x = _pil_to_uint8_tensor(rgb)  # (3, h', w') uint8
+        with warnings.catch_warnings():  # PIL's buffer is read-only; nothing writes into it
+            warnings.simplefilter("ignore", UserWarning)
+            # (1, 3, h', w') uint8 view of the (h', w', 3) pixels: batch-of-one channels-last, no copy.
+            x = torch.from_numpy(np.asarray(rgb, dtype=np.uint8)[None]).permute(0, 3, 1, 2)
         top, left = int(top * sy), int(left * sx)
         h, w = max(int(round(h * sy)), 1), max(int(round(w * sx)), 1)
-        x = TF.resized_crop(x, top, left, h, w, [out_h, out_w], interpolation=interp, antialias=True)
-        for flip in self.flips:
-            x = flip(x)
-        return self.augment_tensor(x)
+        # torch's native uint8 antialiased kernel (what torchvision's resize calls for uint8), on a
+        # channels-last view of the crop: no copy in, and a channels-last output whose HWC view PIL takes as is.
+        crop = x[:, :, top:top + h, left:left + w]  # (1, 3, h, w) uint8, channels-last strides
+        x = F.interpolate(crop, size=(out_h, out_w), mode=_TORCH_MODES[interp], antialias=interp != _NEAREST,
+                          **({} if interp == _NEAREST else {"align_corners": False}))
+        hwc = np.ascontiguousarray(x[0].permute(1, 2, 0).numpy())  # (S, S, 3), already contiguous: no copy
+        return _pil_to_uint8_tensor(self.augment_array(hwc, as_pil=True))
 
-    def augment_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (3, H, W) cropped image -> RandAugment'ed uint8 (3, H, W) (timm's ops work on PIL)."""
-        if not self.secondary.transforms:
-            return x
-        img = Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).numpy()))  # channels-last: no copy
-        return _pil_to_uint8_tensor(self.secondary(img))
+    def augment_array(self, arr: np.ndarray, as_pil: bool = False):
+        """(S, S, 3) uint8 crop -> flip + RandAugment; (S, S, 3) uint8 (the FFCV path), or PIL if ``as_pil``.
 
-    def augment_array(self, arr: np.ndarray) -> np.ndarray:
-        """FFCV path: an already cropped (H, W, 3) uint8 array -> flip + RandAugment, (H, W, 3) uint8."""
+        The flip draws ``torch.rand(1) < p`` as torchvision's RandomHorizontalFlip does, on PIL (a transpose
+        is cheaper than flipping a tensor and converting back).
+        """
         img = Image.fromarray(arr)
         for flip in self.flips:
-            if random.random() < flip.p:  # torchvision draws with torch.rand; the decision is what matters
+            if torch.rand(1) < flip.p:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.secondary.transforms:
             img = self.secondary(img)
-        return np.asarray(img, dtype=np.uint8)
+        return img if as_pil else np.asarray(img, dtype=np.uint8)
 
 
 class EvalSampleTransform:
@@ -270,18 +278,29 @@ class BatchFinisher:
             self.erase = RandomErasing(probability=reprob, mode=_aug_get(aug_cfg, "remode", "pixel"),
                                        max_count=int(_aug_get(aug_cfg, "recount", 1)), device="cpu")
 
-    def __call__(self, images: torch.Tensor, seeds: torch.Tensor | Sequence[int] | None,
-                 preserve: bool = True) -> torch.Tensor:
-        # (x / 255 - mean) / std, one sample at a time: a sample fits in cache, a float batch does not.
-        x = torch.empty(images.shape, dtype=torch.float32)  # (B, 3, H, W)
-        for i in range(images.shape[0]):
-            torch.addcmul(self.shift, images[i].float(), self.scale, out=x[i])
+    def finish_one(self, image: torch.Tensor, seed: int | None, out: torch.Tensor | None = None,
+                   preserve: bool = True) -> torch.Tensor:
+        """uint8 (3, H, W) (any strides) -> normalized float32 (3, H, W) in ``out``, erased if training."""
+        out = torch.empty(image.shape, dtype=torch.float32) if out is None else out
+        torch.addcmul(self.shift, image.float(), self.scale, out=out)  # (x / 255 - mean) / std
         if self.erase is not None:
             with preserved_rng() if preserve else contextlib.nullcontext():
-                for i, s in enumerate(seeds.tolist() if torch.is_tensor(seeds) else seeds):
-                    # A seed distinct from the one the worker used, so erasing is independent of the crop.
-                    seed_all((int(s) * 0x9E3779B1 + 0x7F4A7C15) & ((1 << 63) - 1))
-                    x[i] = self.erase(x[i])
+                # A seed distinct from the one the worker used, so erasing is independent of the crop.
+                seed_all((int(seed) * 0x9E3779B1 + 0x7F4A7C15) & ((1 << 63) - 1))
+                self.erase(out)
+        return out
+
+    def __call__(self, images: torch.Tensor, seeds: torch.Tensor | Sequence[int] | None,
+                 preserve: bool = True, shared: bool = False) -> torch.Tensor:
+        seeds = seeds.tolist() if torch.is_tensor(seeds) else (seeds or [0] * images.shape[0])
+        if shared:  # in a loader worker: write straight into shared memory, as default_collate does
+            storage = torch.empty(0)._typed_storage()._new_shared(images.numel())
+            x = torch.empty(0).new(storage).view(images.shape)  # (B, 3, H, W) float32
+        else:
+            x = torch.empty(images.shape, dtype=torch.float32)  # (B, 3, H, W)
+        with preserved_rng() if preserve and self.erase is not None else contextlib.nullcontext():
+            for i in range(images.shape[0]):  # one sample at a time: a sample fits in cache, a batch does not
+                self.finish_one(images[i], seeds[i], out=x[i], preserve=False)
         return x
 
 
@@ -295,4 +314,4 @@ class FinishingCollate:
         images = torch.stack([s[0] for s in samples])  # (B, 3, S, S) uint8
         labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         in_main = torch.utils.data.get_worker_info() is None
-        return self.finisher(images, [s[2] for s in samples], preserve=in_main), labels
+        return self.finisher(images, [s[2] for s in samples], preserve=in_main, shared=not in_main), labels
