@@ -70,17 +70,71 @@ class _OneDNNLinearFn(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_linear(grad, weight.t(), None)  # (..., N) @ (N, K); the weight view is not copied
-        g2 = grad.reshape(-1, grad.shape[-1])  # (M, N)
         if ctx.needs_input_grad[1]:
-            # oneDNN copies a transposed *input* to contiguous, so transpose the narrower (M, .) operand.
-            x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-            if g2.shape[1] <= x2.shape[1]:
-                grad_w = _onednn_linear(g2.t(), x2.t(), None)  # (N, M) @ (M, K)
-            else:
-                grad_w = _onednn_linear(x2.t(), g2.t(), None).t().contiguous()  # ((K, M) @ (M, N))^T
+            grad_w = _weight_grad(grad, x)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0)
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, grad_w, grad_b
+
+
+def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N, K) = grad(M, N)^T @ x(M, K) over all tokens M, as a oneDNN matmul."""
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    # oneDNN copies a transposed *input* to contiguous (the weight operand may stay a view), so make the
+    # narrower of the two (M, .) operands the input.
+    if g2.shape[1] <= x2.shape[1]:
+        return _onednn_linear(g2.t(), x2.t(), None)  # (N, M) @ (M, K)
+    return _onednn_linear(x2.t(), g2.t(), None).t().contiguous()  # ((K, M) @ (M, N))^T
+
+
+class _OneDNNMlpFn(torch.autograd.Function):
+    """``fc2(GELU(fc1(x)))`` over chunks of tokens, keeping no (tokens x 4C) hidden activation alive.
+
+    Forward runs fc1 with GELU fused in the oneDNN matmul and fc2 chunk by chunk, so the hidden chunk stays in
+    cache and no large fresh buffer is allocated (each fresh multi-MB CPU buffer costs page faults). Backward
+    recomputes the hidden chunk (one extra fc1 matmul) and applies GELU's derivative in place. Only ``x`` is
+    saved, so the MLP keeps 1/4 of the activation memory autograd would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        ctx.save_for_backward(x, w1, b1, w2)
+        ctx.has_b2 = b2 is not None
+        x2 = x.reshape(-1, x.shape[-1])  # (M, C)
+        out = x2.new_empty(x2.shape[0], w2.shape[0])  # (M, C_out)
+        for rows in _token_chunks(x2.shape[0], w1.shape[0]):
+            out[rows] = _onednn_linear(_onednn_linear(x2[rows], w1, b1, "gelu"), w2, b2)
+        return out.view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, b1, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (M, C), (M, C_out)
+        grad_x = torch.empty_like(x2) if need[0] else None
+        grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        grad_b1 = torch.zeros_like(b1) if b1 is not None else None
+        w1_t, w2_t = w1.t(), w2.t()
+        for rows in _token_chunks(x2.shape[0], w1.shape[0]):
+            xc, gc = x2[rows], g2[rows]
+            h = _onednn_linear(xc, w1, b1)  # recomputed pre-activation (m, 4C)
+            grad_w2 += _weight_grad(gc, F.gelu(h))
+            grad_h = _onednn_linear(gc, w2_t, None)  # gradient w.r.t. GELU's output ...
+            torch.ops.aten.gelu_backward.grad_input(grad_h, h, grad_input=grad_h)  # ... now w.r.t. h
+            grad_w1 += _weight_grad(grad_h, xc)
+            if grad_b1 is not None:
+                grad_b1 += grad_h.sum(0)
+            if grad_x is not None:
+                grad_x[rows] = _onednn_linear(grad_h, w1_t, None)
+        grad_b2 = g2.sum(0) if ctx.has_b2 and need[4] else None
+        grad_x = grad_x.view(x.shape) if grad_x is not None else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _token_chunks(n_tokens: int, hidden: int, chunk_bytes: int = 4 << 20) -> list[slice]:
+    """Row slices whose (rows x hidden) fp32 block is about ``chunk_bytes`` (cache-sized, heap-recycled)."""
+    step = max(256, chunk_bytes // (4 * hidden))
+    return [slice(i, min(i + step, n_tokens)) for i in range(0, n_tokens, step)]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False):
@@ -112,8 +166,11 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(linear(x, self.fc1.weight, self.fc1.bias, gelu=True))
-        return self.drop(linear(x, self.fc2.weight, self.fc2.bias))
+        fc1, fc2 = self.fc1, self.fc2
+        if self.drop.p == 0.0 and torch.is_grad_enabled() and _onednn_ok(x, fc1.weight):
+            return _OneDNNMlpFn.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        x = self.drop(linear(x, fc1.weight, fc1.bias, gelu=True))
+        return self.drop(linear(x, fc2.weight, fc2.bias))
 
 
 class FocalModulation(nn.Module):
@@ -182,9 +239,10 @@ class FocalModulation(nn.Module):
         for level, focal_layer in enumerate(self.focal_layers):
             ctx = focal_layer(ctx.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, C)
             gate = gates[..., level : level + 1]  # (B, H, W, 1)
-            ctx_all = ctx * gate if ctx_all is None else torch.addcmul(ctx_all, ctx, gate)
+            # ctx_all is our own temporary that no backward formula saves, so accumulating in place is safe.
+            ctx_all = ctx * gate if ctx_all is None else ctx_all.addcmul_(ctx, gate)
         ctx_global = self.act(ctx.mean((1, 2), keepdim=True))  # (B, 1, 1, C)
-        ctx_all = torch.addcmul(ctx_all, ctx_global, gates[..., L:])
+        ctx_all = ctx_all.addcmul_(ctx_global, gates[..., L:])
         if self.normalize_modulator:
             ctx_all = ctx_all / (L + 1)
 
