@@ -67,6 +67,7 @@ def check_exact_cover(results, n_train=8, n_val=10):
     assert val == Counter(range(n_val))
 
 
+@pytest.mark.slow
 def test_folder_two_ranks_cover_each_sample_once_and_resume(unique_folder):
     cfg = dict(name="folder", root=str(unique_folder), num_classes=10, img_size=32, batch_size=2,
                num_workers=1, val_count=0, persistent_workers=False)
