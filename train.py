@@ -1,20 +1,28 @@
 """Train a FocalNet (or any timm model) as the Hydra config says: compose -> resolve -> engine.train(cfg).
 
     python train.py model=focalnet_tiny data=imagenet1k data.root=/path/to/imagenet
-    python train.py experiment=in1k_focalnet_tiny_lrf                       # a full paper recipe
-    python train.py -m optimizer.lr=5e-4,1e-3                               # sweep (one run dir per job)
-    torchrun --nproc_per_node=8 train.py experiment=in1k_focalnet_tiny_lrf  # one node, 8 GPUs
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        --rdzv_id=$SLURM_JOB_ID train.py experiment=...                      # multi-node
+    python train.py experiment=in1k_focalnet_tiny_lrf data.root=...      # a paper recipe (total batch 8 x 128)
+    python train.py -m optimizer.lr=5e-4,1e-3                            # sweep: one run dir + W&B run per job
+    python train.py -m hydra/launcher=slurm hydra.launcher.nodes=2 experiment=...   # SLURM via submitit
+
+Multi-node with torchrun (the same command on every node; HOST is any one of them, JOB_ID any shared string):
+
+    torchrun --standalone --nproc_per_node=8 train.py experiment=in1k_focalnet_tiny_lrf   # 1 node x 8 GPUs
+    torchrun --nnodes=N --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        --rdzv_id=JOB_ID train.py experiment=in1k_focalnet_tiny_lrf                    # N nodes x 8 GPUs
+    NNODES=N RDZV_ENDPOINT=HOST:29500 RDZV_ID=JOB_ID scripts/launch_torchrun.sh experiment=...  # run dir pinned
+
+On fewer GPUs keep a recipe's total batch with trainer.accum_steps (LR x batch x world x accum / 512).
 
 Run directory: ``${paths.output_root}/<YYYY-MM-DD_HH-MM-SS>_<random>`` (``multirun/<id>/<job>`` for sweeps),
 identical on every torchrun rank (rank 0 picks it and broadcasts). ``FOCALNET_RUN_ID=name`` fixes it, so
-a requeued/restarted job finds its ``checkpoints/last.pt`` again with ``trainer.resume=auto`` (the default).
+a requeued/restarted job finds its ``checkpoints/last.pt`` again with ``trainer.resume=auto`` (the default);
+``scripts/launch_torchrun.sh`` exports FOCALNET_RUN_ID (the rendezvous id on several nodes), so relaunching resumes.
 Sweep from outside torchrun: ``-m`` inside torchrun makes every rank run the whole sweep.
 
 Exit codes: 0 done; 1 error (Hydra: unknown override key); 2 invalid config (the message names the key and
 the allowed values); 75 (EX_TEMPFAIL) stopped by
-SIGTERM/SIGUSR1 after saving ``checkpoints/last.pt`` — relaunch the same command to continue exactly.
+SIGTERM/SIGUSR1/SIGUSR2 after saving ``checkpoints/last.pt`` — relaunch the same command to continue exactly.
 """
 
 import logging

@@ -7,8 +7,8 @@ optimizer, schedule, loss), ``amp`` (the AMP optimizer step), ``checkpointing``,
 
 from focalnet.engine.amp import NonFiniteLossError
 from focalnet.engine.config import ConfigError, validate_config
-from focalnet.engine.evaluate import evaluate as evaluate  # eval.py entry point
+from focalnet.engine.evaluate import evaluate  # eval.py entry point
 from focalnet.engine.trainer import EXIT_PREEMPTED, TrainingPreempted, train
 
-__all__ = ["EXIT_PREEMPTED", "ConfigError", "NonFiniteLossError", "TrainingPreempted", "train",
-           "validate_config"]
+__all__ = ["EXIT_PREEMPTED", "ConfigError", "NonFiniteLossError", "TrainingPreempted", "evaluate",
+           "train", "validate_config"]
