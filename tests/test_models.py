@@ -343,3 +343,22 @@ def test_gradients_equal_to_timm():
     ours_grads = convert_official_to_timm({n: p.grad for n, p in ours.named_parameters()}, use_postln=False)
     for name, p in theirs.named_parameters():
         torch.testing.assert_close(ours_grads[name], p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_chunked_recompute_mlp_matches_autograd(monkeypatch):
+    import focalnet.models.focalnet as fm
+
+    monkeypatch.setattr(fm, "_RECOMPUTE_MLP_BYTES", 0)  # force the chunked path on a small input
+    torch.manual_seed(0)
+    mlp = fm.Mlp(64, 4096)  # 4096 hidden -> 256-token chunks, so 2*16*20 = 640 tokens take 3 chunks
+    assert len(fm._token_chunks(640, 4096)) == 3
+    x = torch.randn(2, 16, 20, 64, requires_grad=True)
+    out = mlp(x)
+    assert out.grad_fn.name().endswith("_OneDNNMlpFnBackward")
+    ref = nn.functional.linear(nn.functional.gelu(nn.functional.linear(x, mlp.fc1.weight, mlp.fc1.bias)),
+                               mlp.fc2.weight, mlp.fc2.bias)  # fmt: skip
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    params = (x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    for got, exp in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)

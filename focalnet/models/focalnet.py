@@ -131,6 +131,9 @@ class _OneDNNMlpFn(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
+_RECOMPUTE_MLP_BYTES = 32 << 20
+
+
 def _token_chunks(n_tokens: int, hidden: int, chunk_bytes: int = 4 << 20) -> list[slice]:
     """Row slices whose (rows x hidden) fp32 block is about ``chunk_bytes`` (cache-sized, heap-recycled)."""
     step = max(256, chunk_bytes // (4 * hidden))
@@ -167,7 +170,15 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self.fc1, self.fc2
-        if self.drop.p == 0.0 and torch.is_grad_enabled() and _onednn_ok(x, fc1.weight):
+        # Large hidden activations (beyond glibc's 32 MB mmap threshold every one is a fresh, page-faulting
+        # buffer) are cheaper to recompute chunk by chunk than to keep; small ones are kept as autograd would.
+        hidden_bytes = x.numel() // x.shape[-1] * fc1.out_features * x.element_size()
+        if (
+            self.drop.p == 0.0
+            and hidden_bytes > _RECOMPUTE_MLP_BYTES
+            and torch.is_grad_enabled()
+            and _onednn_ok(x, fc1.weight)
+        ):
             return _OneDNNMlpFn.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         x = self.drop(linear(x, fc1.weight, fc1.bias, gelu=True))
         return self.drop(linear(x, fc2.weight, fc2.bias))
