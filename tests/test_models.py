@@ -309,9 +309,11 @@ def test_no_graph_breaks_under_dynamo():
         assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-def test_onednn_linear_matches_f_linear_with_grads():
+def test_onednn_linear_matches_f_linear_with_grads(monkeypatch):
+    import focalnet.models.focalnet as fm
     from focalnet.models.focalnet import linear
 
+    monkeypatch.setattr(fm, "_ONEDNN_MIN_MACS", 0)  # the oneDNN path even for these small shapes
     torch.manual_seed(0)
     for shape, (n_out, n_in) in (((2, 5, 7, 24), (40, 24)), ((2, 5, 7, 40), (24, 40))):
         x = torch.randn(shape, requires_grad=True)
@@ -331,7 +333,11 @@ def test_onednn_linear_matches_f_linear_with_grads():
                 torch.testing.assert_close(linear(x, w, b, gelu=gelu), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_equal_to_timm():
+@pytest.mark.parametrize("onednn_min_macs", [0, 1 << 40])  # every matmul on oneDNN / on BLAS
+def test_gradients_equal_to_timm(monkeypatch, onednn_min_macs):
+    import focalnet.models.focalnet as fm
+
+    monkeypatch.setattr(fm, "_ONEDNN_MIN_MACS", onednn_min_macs)
     torch.manual_seed(0)
     ours = create_model("focalnet_micro", num_classes=10, drop_path_rate=0.0, use_layerscale=True)
     _randomize(ours)

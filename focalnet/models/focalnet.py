@@ -39,9 +39,14 @@ __all__ = ["FocalModulation", "FocalNetBlock", "BasicLayer", "PatchEmbed", "Foca
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+# Below this many multiply-accumulates per matmul the BLAS call wins (oneDNN's per-call setup dominates).
+_ONEDNN_MIN_MACS = 1 << 22
+
+
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         _ONEDNN
+        and x.numel() * weight.shape[0] >= _ONEDNN_MIN_MACS
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
