@@ -167,8 +167,8 @@ def finish_sample(tf: TrainSampleTransform, finisher: BatchFinisher, arr: np.nda
                   preserve: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """(S, S, 3) uint8 FFCV crop -> flip, RandAugment, normalize, erasing -> (3, S, S) float32 (in ``out``)."""
     with seeded(seed, preserve=preserve):
-        aug = tf.augment_array(arr)  # PIL copies ``arr`` on the way in
-    x = torch.from_numpy(np.require(aug, requirements="W")).permute(2, 0, 1)  # (3, S, S) uint8 view
+        aug = tf.augment_array(arr)  # a new array: ``arr`` (a ring slot) is only read
+    x = torch.from_numpy(aug).permute(2, 0, 1)  # (3, S, S) uint8 view
     return finisher.finish_one(x, seed, out=out, preserve=preserve)
 
 
@@ -229,7 +229,8 @@ class FFCVEpochLoader:
         self._order_cls = EpochOrder
         rrc = self.sample_tf.rrc if train else None
         pipelines = {
-            IMAGE_FIELD: image_pipeline(train, img_size, aug_cfg, *((rrc.scale, rrc.ratio) if rrc else ())),
+            # aug.scale=null (rrc None): training crops like evaluation (center-crop decoder), then augments.
+            IMAGE_FIELD: image_pipeline(rrc is not None, img_size, aug_cfg, *((rrc.scale, rrc.ratio) if rrc else ())),
             LABEL_FIELD: label_pipeline(),
         }
         self.decoder = pipelines[IMAGE_FIELD][0]

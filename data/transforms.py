@@ -38,6 +38,8 @@ from timm.data import auto_augment as _auto_augment
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_interp_mode
 
+from data.randaugment import fast_rand_augment, warm_up
+
 
 def _posterize_any_pillow(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
     """timm's posterize with Pillow < 13 semantics: RandAugment's PosterizeIncreasing reaches 0 bits at
@@ -164,36 +166,65 @@ def _aug_get(aug_cfg, key, default):
     return default if value is None and default is not None else value
 
 
+def _pair(value, default):
+    return tuple(float(v) for v in value) if value is not None else default
+
+
 def timm_train_stages(aug_cfg, img_size: int):
     """timm's (primary, secondary) train transforms for ``aug_cfg``: [RRC, flip] and [RandAugment | jitter].
 
-    The final stage (to tensor, normalize, erasing) is ours: see :class:`BatchFinisher`.
+    ``aug.hflip`` (flip probability), ``aug.scale`` and ``aug.ratio`` (RandomResizedCrop ranges) go to
+    timm as its ``hflip``/``scale``/``ratio`` arguments. The final stage (to tensor, normalize, erasing) is
+    ours: see :class:`BatchFinisher`.
     """
     auto_augment = _aug_get(aug_cfg, "auto_augment", None)
     primary, secondary, _ = create_transform(
         img_size, is_training=True, auto_augment=auto_augment or None,
         color_jitter=float(_aug_get(aug_cfg, "color_jitter", 0.0) or 0.0) or None,
         interpolation=_aug_get(aug_cfg, "interpolation", "bicubic"),
+        hflip=float(_aug_get(aug_cfg, "hflip", 0.5)),
+        scale=_pair(_aug_get(aug_cfg, "scale", None), (0.08, 1.0)),
+        ratio=_pair(_aug_get(aug_cfg, "ratio", None), (3 / 4, 4 / 3)),
         re_prob=0.0, use_prefetcher=True, separate=True)
     return primary, secondary
 
 
 class TrainSampleTransform:
-    """Opened image -> uint8 (3, S, S): RandomResizedCrop (+draft), flip, RandAugment. Call under ``seeded``."""
+    """Opened image -> uint8 (3, S, S): RandomResizedCrop (+draft), flip, RandAugment. Call under ``seeded``.
+
+    ``aug.scale: null`` replaces the random crop by the eval geometry (resize + center crop, ``aug.test_crop``),
+    as ``aug=none`` asks: training then sees what evaluation sees, plus whatever flip/RandAugment is set.
+    """
 
     def __init__(self, aug_cfg, img_size: int):
         primary, secondary = timm_train_stages(aug_cfg, img_size)
         self.rrc = primary.transforms[0]          # timm RandomResizedCropAndInterpolation
-        self.flips = primary.transforms[1:]       # torchvision RandomHorizontalFlip(0.5)
+        self.flips = primary.transforms[1:]       # torchvision RandomHorizontalFlip(aug.hflip), if > 0
         self.secondary = secondary                # RandAugment (PIL), or ColorJitter when aug has no AA
         self.size = tuple(self.rrc.size)          # (H, W)
+        self.center = None
+        if aug_cfg is not None and "scale" in aug_cfg and aug_cfg["scale"] is None:
+            self.rrc = None
+            self.center = EvalSampleTransform(img_size, bool(_aug_get(aug_cfg, "test_crop", True)),
+                                              _aug_get(aug_cfg, "interpolation", "bicubic"))
+        # timm's RandAugment alone (the recipe): run it on arrays with the same draws (data.randaugment).
+        ops = secondary.transforms
+        self.array_augment = None
+        if len(ops) == 1 and isinstance(ops[0], _auto_augment.RandAugment):
+            self.array_augment = fast_rand_augment(ops[0])
+            warm_up()
+        elif not ops:
+            self.array_augment = _identity
 
     def _interpolation(self):
         interp = self.rrc.interpolation
         # timm draws the interpolation after the crop box when it is 'random'; keep that RNG order.
         return random.choice(interp) if isinstance(interp, list | tuple) else interp  # a torchvision mode
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def crop(self, img: Image.Image) -> np.ndarray:
+        """Opened image -> (S, S, 3) uint8 crop: decode (reduced by libjpeg when the crop allows) + resize."""
+        if self.rrc is None:
+            return self.center(img).permute(1, 2, 0).numpy()  # (S, S, 3) view of PIL's pixels
         # Crop box on the full-resolution grid (PIL knows the size from the header, before decoding).
         top, left, h, w = self.rrc.get_params(img, self.rrc.scale, self.rrc.ratio)
         interp = self._interpolation()
@@ -207,31 +238,43 @@ class TrainSampleTransform:
         sx, sy = rgb.size[0] / full_w, rgb.size[1] / full_h  # 1, 1/2, 1/4 or 1/8 after a draft
         with warnings.catch_warnings():  # PIL's buffer is read-only; nothing writes into it
             warnings.simplefilter("ignore", UserWarning)
-            # (1, 3, h', w') uint8 view of the (h', w', 3) pixels: batch-of-one channels-last, no copy.
-            x = torch.from_numpy(np.asarray(rgb, dtype=np.uint8)[None]).permute(0, 3, 1, 2)
+            # (1, 3, H', W') uint8 view of PIL's (H', W', 3) pixels
+            pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8)[None]).permute(0, 3, 1, 2)
         top, left = int(top * sy), int(left * sx)
         h, w = max(int(round(h * sy)), 1), max(int(round(w * sx)), 1)
-        # torch's native uint8 antialiased kernel (what torchvision's resize calls for uint8), on a
-        # channels-last view of the crop: no copy in, and a channels-last output whose HWC view PIL takes as is.
-        crop = x[:, :, top:top + h, left:left + w]  # (1, 3, h, w) uint8, channels-last strides
+        # torch's native uint8 antialiased kernel (what torchvision's resize calls for uint8) on a
+        # channels-last (1, 3, h, w) copy of the crop: channels-last in, channels-last out, so the HWC view
+        # of the result needs no copy. (A strided crop view, or a numpy-made copy whose strides torch does
+        # not label channels-last, make it resize in NCHW and copy back: 2.5x slower.)
+        crop = pixels[:, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)  # (1,3,h,w)
         x = F.interpolate(crop, size=(out_h, out_w), mode=_TORCH_MODES[interp], antialias=interp != _NEAREST,
                           **({} if interp == _NEAREST else {"align_corners": False}))
-        hwc = np.ascontiguousarray(x[0].permute(1, 2, 0).numpy())  # (S, S, 3), already contiguous: no copy
-        return _pil_to_uint8_tensor(self.augment_array(hwc, as_pil=True))
+        return np.ascontiguousarray(x[0].permute(1, 2, 0).numpy())  # (S, S, 3): already contiguous, no copy
 
-    def augment_array(self, arr: np.ndarray, as_pil: bool = False):
-        """(S, S, 3) uint8 crop -> flip + RandAugment; (S, S, 3) uint8 (the FFCV path), or PIL if ``as_pil``.
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(self.augment_array(self.crop(img))).permute(2, 0, 1)  # (3, S, S) view
 
-        The flip draws ``torch.rand(1) < p`` as torchvision's RandomHorizontalFlip does, on PIL (a transpose
-        is cheaper than flipping a tensor and converting back).
+    def augment_array(self, arr: np.ndarray) -> np.ndarray:
+        """(S, S, 3) uint8 crop -> flip + RandAugment -> (S, S, 3) uint8 (writable; ``arr`` is not modified).
+
+        The flip draws ``torch.rand(1) < p`` as torchvision's RandomHorizontalFlip does. RandAugment runs on
+        the array (:mod:`data.randaugment`, timm's draws); other secondary transforms (ColorJitter) on PIL.
         """
-        img = Image.fromarray(arr)
+        flipped = False
         for flip in self.flips:
             if torch.rand(1) < flip.p:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if self.secondary.transforms:
-            img = self.secondary(img)
-        return img if as_pil else np.asarray(img, dtype=np.uint8)
+                arr, flipped = arr[:, ::-1], True
+        if self.array_augment is not None:
+            out = self.array_augment(np.ascontiguousarray(arr) if flipped else arr)
+        else:
+            out = np.asarray(self.secondary(Image.fromarray(np.ascontiguousarray(arr))), dtype=np.uint8)
+        if out is arr or not out.flags.writeable or not out.flags.c_contiguous:
+            out = np.array(out)  # never hand out the caller's buffer or PIL's read-only one
+        return out
+
+
+def _identity(arr: np.ndarray) -> np.ndarray:
+    return arr
 
 
 class EvalSampleTransform:
