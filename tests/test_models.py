@@ -355,6 +355,7 @@ def test_chunked_recompute_mlp_matches_autograd(monkeypatch):
     import focalnet.models.focalnet as fm
 
     monkeypatch.setattr(fm, "_RECOMPUTE_MLP_BYTES", 0)  # force the chunked path on a small input
+    monkeypatch.setattr(fm, "_CHUNK_BYTES", 4 << 20)
     torch.manual_seed(0)
     mlp = fm.Mlp(64, 4096)  # 4096 hidden -> 256-token chunks, so 2*16*20 = 640 tokens take 3 chunks
     assert len(fm._token_chunks(640, 4096)) == 3

@@ -139,9 +139,13 @@ class _OneDNNMlpFn(torch.autograd.Function):
 _RECOMPUTE_MLP_BYTES = 32 << 20
 
 
-def _token_chunks(n_tokens: int, hidden: int, chunk_bytes: int = 4 << 20) -> list[slice]:
-    """Row slices whose (rows x hidden) fp32 block is about ``chunk_bytes`` (cache-sized, heap-recycled)."""
-    step = max(256, chunk_bytes // (4 * hidden))
+_CHUNK_BYTES = 16 << 20
+
+
+def _token_chunks(n_tokens: int, hidden: int) -> list[slice]:
+    """Row slices whose (rows x hidden) fp32 block is about ``_CHUNK_BYTES``: small enough for the allocator to
+    recycle (below the mmap threshold), large enough to keep the number of parallel regions low."""
+    step = max(256, _CHUNK_BYTES // (4 * hidden))
     return [slice(i, min(i + step, n_tokens)) for i in range(0, n_tokens, step)]
 
 
