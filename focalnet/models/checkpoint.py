@@ -262,7 +262,12 @@ def load_checkpoint(
         )
         own = model.state_dict()
 
-    # 3. Classifier head.
+    # 3. Models whose tables depend on the input size (DAT's position tables) fit them to this model, so a
+    #    224 checkpoint loads into a 384 model.
+    if hasattr(model, "adapt_state_dict"):
+        sd = model.adapt_state_dict(sd)
+
+    # 4. Classifier head.
     head_names = _head_param_names(model)
     ckpt_head = {k: v for k, v in sd.items() if k in ("head.weight", "head.bias") or k in head_names}
     model_w = own.get(head_names[0]) if head_names else None
@@ -307,7 +312,7 @@ def load_checkpoint(
             nn.init.zeros_(head_mod.bias)
         report.head = "reinit" if model_n else "absent"
 
-    # 4. Compare keys and shapes before touching the model, so errors say everything at once.
+    # 5. Compare keys and shapes before touching the model, so errors say everything at once.
     skip = set(head_names) if mode == "reinit" else set()
     report.missing_keys = [k for k in own if k not in sd and k not in skip]
     report.unexpected_keys = [k for k in sd if k not in own]
