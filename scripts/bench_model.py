@@ -11,11 +11,13 @@ allocated by PyTorch's CPU allocator during one forward+backward step beyond wha
 (activations, gradients, temporaries; torch.profiler memory events). It excludes parameters and is
 what grows with batch size.
 
-Models without a timm counterpart (e.g. ``dat_tiny``, ``focalnet_tiny_iso``) get a row with empty timm
-columns. Other families can add a baseline builder to ``BASELINES`` (prefix -> callable(name, ours)).
+Models without a timm counterpart (``focalnet_tiny_iso``) get a row with empty baseline columns. DAT rows
+(``dat_tiny``...) are compared with our FocalNet of the same size (``focalnet_tiny_lrf``...), the paper's
+comparison at similar FLOPs; DAT's GMACs are counted like the DAT paper (fvcore rules, see
+``focalnet.models.dat.fvcore_flop_formulas``). Other families add a builder to ``BASELINES``.
 
     python scripts/bench_model.py                                   # focalnet_tiny_srf/lrf, batch 16, 224px
-    python scripts/bench_model.py --models focalnet_micro dat_tiny --batch-size 8 --img-size 64 --iters 3
+    python scripts/bench_model.py --models dat_tiny focalnet_tiny_lrf --batch-size 8   # DAT vs FocalNet
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from focalnet import create_model  # noqa: E402
 from focalnet.models.checkpoint import convert_official_to_timm  # noqa: E402
+from focalnet.models.dat import DAT, fvcore_flop_formulas  # noqa: E402
 
 
 def timm_focalnet(name: str, ours: nn.Module, drop_path_rate: float) -> nn.Module | None:
@@ -64,21 +67,33 @@ def timm_focalnet(name: str, ours: nn.Module, drop_path_rate: float) -> nn.Modul
     return model
 
 
-# Model-name prefix -> baseline builder (name, our model, drop_path_rate) -> module or None.
-BASELINES: dict[str, Callable[[str, nn.Module, float], nn.Module | None]] = {"focalnet_": timm_focalnet}
+def focalnet_for_dat(name: str, ours: nn.Module, drop_path_rate: float) -> nn.Module | None:
+    """Our FocalNet (LRF) of DAT's size: dat_tiny -> focalnet_tiny_lrf (dat_micro -> focalnet_micro)."""
+    size = name.removeprefix("dat_").removesuffix("_384")
+    baseline = "focalnet_micro" if size == "micro" else f"focalnet_{size}_lrf"
+    return create_model(baseline, drop_path_rate=drop_path_rate, num_classes=ours.num_classes)
 
 
-def build_baseline(name: str, ours: nn.Module, drop_path_rate: float) -> nn.Module | None:
-    for prefix, fn in BASELINES.items():
+# Model-name prefix -> (baseline label, builder (name, our model, drop_path_rate) -> module or None).
+BASELINES: dict[str, tuple[str, Callable[[str, nn.Module, float], nn.Module | None]]] = {
+    "focalnet_": ("timm FocalNet", timm_focalnet),
+    "dat_": ("our FocalNet-LRF", focalnet_for_dat),
+}
+
+
+def build_baseline(name: str, ours: nn.Module, drop_path_rate: float) -> tuple[str, nn.Module | None]:
+    for prefix, (label, fn) in BASELINES.items():
         if name.startswith(prefix):
-            return fn(name, ours, drop_path_rate)
-    return None
+            return label, fn(name, ours, drop_path_rate)
+    return "-", None
 
 
 def count_macs(model: nn.Module, img_size: int) -> float:
     x = torch.randn(1, 3, img_size, img_size)
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # DAT counts like its paper (fvcore rules incl. the fused CPU attention); FocalNet needs no extra rules.
+    mapping = fvcore_flop_formulas() if isinstance(model, DAT) else {}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(x)
     return counter.get_total_flops() / 2
 
@@ -142,8 +157,9 @@ def time_interleaved(fns: list[Callable[[], None]], iters: int, warmup: int) -> 
 
 def bench_model(name: str, args) -> dict:
     torch.manual_seed(0)
-    ours = create_model(name, drop_path_rate=args.drop_path)
-    base = None if args.no_baseline else build_baseline(name, ours, args.drop_path)
+    extra = {"img_size": args.img_size} if name.startswith("dat_") else {}  # DAT is built for one input size
+    ours = create_model(name, drop_path_rate=args.drop_path, **extra)
+    label, base = ("-", None) if args.no_baseline else build_baseline(name, ours, args.drop_path)
     models = [m for m in (ours, base) if m is not None]
     if args.channels_last:
         models = [m.to(memory_format=torch.channels_last) for m in models]
@@ -152,7 +168,7 @@ def bench_model(name: str, args) -> dict:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, ours.num_classes, (args.batch_size,))
 
-    row = dict(model=name, params=sum(p.numel() for p in ours.parameters()) / 1e6)
+    row = dict(model=name, baseline=label, params=sum(p.numel() for p in ours.parameters()) / 1e6)
     row["gmacs"] = count_macs(ours, args.img_size) / 1e9
     if base is not None:
         row["gmacs_timm"] = count_macs(base, args.img_size) / 1e9
@@ -179,12 +195,14 @@ def markdown(rows: list[dict], args) -> str:
         return "-" if a is None or b is None else f"{a / b:.2f}x"
 
     head = (
-        "| model | params (M) | GMACs | fwd img/s ours | fwd img/s timm | fwd ratio | fwd+bwd img/s ours "
-        "| fwd+bwd img/s timm | fwd+bwd ratio | peak MB ours | peak MB timm | memory ours/timm |"
+        "| model | params (M) | GMACs | baseline | fwd img/s ours | fwd img/s baseline | fwd ratio "
+        "| fwd+bwd img/s ours | fwd+bwd img/s baseline | fwd+bwd ratio | peak MB ours | peak MB baseline "
+        "| memory ours/baseline |"
     )
     lines = [
         f"batch {args.batch_size}, {args.img_size}px, fp32, eager, {torch.get_num_threads()} threads, "
-        f"median of {args.iters} interleaved iterations; ratio = ours / timm (higher is faster)",
+        f"median of {args.iters} interleaved iterations; ratio = ours / baseline (higher is faster; for "
+        "memory lower is better)",
         "",
         head,
         "|" + "---|" * (head.count("|") - 1),
@@ -192,7 +210,7 @@ def markdown(rows: list[dict], args) -> str:
     for r in rows:
         g = r.get
         lines.append(
-            f"| {r['model']} | {r['params']:.2f} | {r['gmacs']:.2f} | {f(g('fwd'), '.1f')} | "
+            f"| {r['model']} | {r['params']:.2f} | {r['gmacs']:.2f} | {r['baseline']} | {f(g('fwd'), '.1f')} | "
             f"{f(g('fwd_timm'), '.1f')} | {ratio(g('fwd'), g('fwd_timm'))} | {f(g('train'), '.1f')} | "
             f"{f(g('train_timm'), '.1f')} | {ratio(g('train'), g('train_timm'))} | {f(g('mem'), '.0f')} | "
             f"{f(g('mem_timm'), '.0f')} | {ratio(g('mem'), g('mem_timm'))} |"
@@ -210,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--drop-path", type=float, default=0.2, help="drop_path_rate for both (train step)")
     p.add_argument("--channels-last", action="store_true", help="channels_last input and model memory format")
-    p.add_argument("--no-baseline", action="store_true", help="skip the timm columns")
+    p.add_argument("--no-baseline", action="store_true", help="skip the baseline columns")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
