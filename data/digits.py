@@ -13,10 +13,8 @@ FFCV variant converts that folder with ``scripts/write_ffcv.py`` once and reads 
 loader. Creation is atomic and safe when several ranks (or runs) race: each writer fills a private
 temporary directory and renames it into place; the first rename wins and the others discard their copy.
 
-Digits are not ImageNet photos, so two geometric choices of the recipe are data keys here: a mirrored
-digit is a different glyph (``data.hflip: 0.0`` turns the horizontal flip off), and a RandomResizedCrop
-keeping 8% of a 8x8 glyph leaves a stroke, not a digit (``data.crop_scale``, the crop's area range).
-The aug group has no key for either (see the README), so they are applied to the train transform here.
+Digits are not ImageNet photos: a mirrored digit is a different glyph and a RandomResizedCrop keeping 8%
+of a glyph leaves a stroke, so the demo preset sets ``aug.hflip: 0.0`` and ``aug.scale: [0.5, 1.0]``.
 """
 
 from __future__ import annotations
@@ -148,34 +146,13 @@ def _materialize_from_cfg(data_cfg) -> str:
                        jpeg_quality=int(data_cfg.get("jpeg_quality", 95)))
 
 
-def configure_geometry(sample_tf, data_cfg) -> None:
-    """Apply ``data.hflip`` and ``data.crop_scale`` to a :class:`data.transforms.TrainSampleTransform`."""
-    hflip = float(data_cfg.get("hflip", 0.5))
-    if not 0.0 <= hflip <= 1.0:
-        raise DataConfigError(f"data.hflip={hflip} must be a probability in [0, 1]")
-    if hflip == 0.0:
-        sample_tf.flips = []
-    else:
-        for flip in sample_tf.flips:
-            flip.p = hflip
-    scale = data_cfg.get("crop_scale")
-    if scale is not None:
-        lo, hi = (float(s) for s in scale)
-        if not 0.0 < lo <= hi <= 1.0:
-            raise DataConfigError(f"data.crop_scale={list(scale)} must be [lo, hi] with 0 < lo <= hi <= 1")
-        sample_tf.rrc.scale = (lo, hi)
-
-
 @register_builder("digits")
 def build_digits(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
     """The digits ImageFolder (written on first use) through the ImageNet folder pipeline."""
     _materialize_from_cfg(data_cfg)
     train, val, num_classes = folder_samples(data_cfg)
-    loaders = make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size,
-                           seed=seed, info={"root": _expand(data_cfg.root)})
-    # Workers are forked when iteration starts, so they see the adjusted transform.
-    configure_geometry(loaders.train.dataset.transform, data_cfg)
-    return loaders
+    return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size,
+                        seed=seed, info={"root": _expand(data_cfg.root)})
 
 
 # ------------------------------------------------------------------------------------------------ FFCV
@@ -222,11 +199,6 @@ def build_digits_ffcv(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int 
     cfg = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
     with open_dict(cfg):
         cfg.root = beton_dir
-        # The flip/crop settings below are changed after the loader is built; a process pool would have
-        # been forked with the unchanged transform, so the per-sample stage runs in this process.
-        cfg.num_workers = 0
     loaders = build_ffcv(cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
-    configure_geometry(loaders.train.sample_tf, data_cfg)
-    loaders.train.decoder.scale = loaders.train.sample_tf.rrc.scale  # read when the decoder is compiled
     loaders.info["root"] = beton_dir
     return loaders

@@ -84,8 +84,8 @@ def test_concurrent_creation_is_atomic(tmp_path):
 def test_digits_through_the_folder_pipeline_without_flip(digits_root):
     import data
 
-    cfg = compose_config(["data=digits", f"data.root={digits_root}", "data.store_size=16", "data.num_workers=0",
-                          "aug=none", "data.batch_size=32"])
+    cfg = compose_config(["experiment=demo", f"data.root={digits_root}", "data.store_size=16", "data.num_workers=0",
+                          "data.batch_size=32"])
     loaders = data.build_loaders(cfg.data, cfg.aug)
     tf = loaders.train.dataset.transform
     assert tf.flips == [] and tuple(tf.rrc.scale) == (0.5, 1.0)
@@ -94,10 +94,11 @@ def test_digits_through_the_folder_pipeline_without_flip(digits_root):
     images, targets = next(iter(loaders.train))
     assert images.shape == (32, 3, 32, 32) and images.dtype == torch.float32 and targets.max() <= 9
 
-    flipped = compose_config(["data=digits", f"data.root={digits_root}", "data.store_size=16", "data.hflip=0.3",
+    flipped = compose_config(["data=digits", f"data.root={digits_root}", "data.store_size=16", "aug.hflip=0.3",
                               "data.num_workers=0", "aug=none"])
-    (flip,) = data.build_loaders(flipped.data, flipped.aug).train.dataset.transform.flips
-    assert flip.p == 0.3
+    tf = data.build_loaders(flipped.data, flipped.aug).train.dataset.transform
+    (flip,) = tf.flips
+    assert flip.p == 0.3 and tf.rrc is None  # aug=none: eval resize + center crop for training
 
 
 def write_metrics(path: Path) -> None:

@@ -111,7 +111,8 @@ SCHEMA: dict[str, Any] = {
     "aug": {
         "auto_augment": optional(string), "color_jitter": optional(_NONNEG), "reprob": _PROB,
         "remode": choice("pixel", "const", "rand"), "recount": integer(1),
-        "interpolation": choice("bicubic", "bilinear", "nearest", "random"),
+        "interpolation": choice("bicubic", "bilinear", "nearest", "random"), "hflip": _PROB,
+        "scale": optional(list_of(number(0, 1, lo_open=True), 2)), "ratio": list_of(number(0, lo_open=True), 2),
         "mixup": _NONNEG, "cutmix": _NONNEG, "cutmix_minmax": optional(list_of(_PROB, 2)),
         "mixup_prob": _PROB, "mixup_switch_prob": _PROB, "mixup_mode": choice("batch", "pair", "elem"),
         "label_smoothing": number(0, 1), "test_crop": boolean,
