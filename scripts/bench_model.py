@@ -84,7 +84,8 @@ BASELINES: dict[str, tuple[str, Callable[[str, nn.Module, float], nn.Module | No
 def build_baseline(name: str, ours: nn.Module, drop_path_rate: float) -> tuple[str, nn.Module | None]:
     for prefix, (label, fn) in BASELINES.items():
         if name.startswith(prefix):
-            return label, fn(name, ours, drop_path_rate)
+            model = fn(name, ours, drop_path_rate)
+            return (label if model is not None else "-"), model
     return "-", None
 
 
