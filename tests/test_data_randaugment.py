@@ -114,3 +114,16 @@ def test_aug_keys_hflip_scale_ratio_and_center_crop_training():
     assert all(torch.equal(outs[0], o) for o in outs) and outs[0].shape == (3, 32, 32)
     ref = data.transforms.EvalSampleTransform(32, True, "bicubic")(img.copy())
     assert torch.equal(outs[0], ref)
+
+
+def test_torchvision_jpeg_decode_equals_pil_and_bad_files_are_bad(tmp_path):
+    from data.imagegen import write_bad_image, write_image_folder
+    from data.transforms import BadImage, _decode_jpeg_rgb, open_image
+
+    for path in write_image_folder(str(tmp_path / "ok"), 2, 3, size=(120, 90)):
+        pil = np.asarray(Image.open(path).convert("RGB"))
+        ours = _decode_jpeg_rgb(open_image(path))
+        np.testing.assert_array_equal(ours[0].permute(1, 2, 0).numpy(), pil)
+    assert _decode_jpeg_rgb(open_image(write_bad_image(str(tmp_path / "g.jpg"), "grayscale"))) is None  # -> PIL
+    with pytest.raises(BadImage):
+        _decode_jpeg_rgb(open_image(write_bad_image(str(tmp_path / "t.jpg"), "truncated")))
