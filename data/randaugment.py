@@ -8,8 +8,9 @@ timm's own code makes every random decision in the same order, and only swaps ea
 an array function that reproduces Pillow's arithmetic:
 
 * affine ops (Rotate, ShearX/Y, TranslateX/YRel): Pillow's generic bicubic transform (its a = -1 cubic
-  convolution in double precision, clamped borders, truncation to uint8, fill outside the source) as a
-  numba kernel, ~10x faster than Pillow's per-pixel callbacks, which made up ~80% of RandAugment's time;
+  convolution in double precision, clamped borders, truncation to uint8, fill outside the source) as numba
+  kernels. Pillow's transform made up ~80% of RandAugment's time; shears and translations only need one
+  cubic per value (exactly) and run 2-4x faster here, rotations about as fast as Pillow;
 * lookup-table ops (Invert, Posterize, Solarize, SolarizeAdd, AutoContrast, Equalize) from the same
   histograms and formulas as ``PIL.ImageOps``;
 * blends (Color, Contrast, Brightness): Pillow's ``Image.blend`` float32 arithmetic and RGB->L weights.
@@ -101,6 +102,41 @@ def _affine_bicubic(src, a0, a1, a2, a3, a4, a5, fill, out):  # pragma: no cover
 
 
 @_njit
+def _affine_bicubic_rows(src, a0, a1, a2, a3, a4, a5, fill, out):  # pragma: no cover (compiled)
+    """:func:`_affine_bicubic` when every source row is exact (``a3 == 0, a4 == 1, a5 == 0``: x-shears and
+    x-translations): Pillow's vertical cubic then returns its second input exactly, so one horizontal cubic
+    per value gives the same bytes. Indices are computed per row first, so the per-channel loop over x is
+    branch-free and vectorizes (gathers): ~2x faster than the per-pixel kernel."""
+    h, w, c = src.shape
+    s = src.reshape(-1)
+    o = out.reshape(-1)
+    idx = np.empty((4, w), np.int64)
+    dxs = np.empty(w)
+    inside = np.empty(w, np.bool_)
+    for y in range(h):
+        for x in range(w):
+            xin = a0 * (x + 0.5) + a1 * (y + 0.5) + a2
+            yin = a3 * (x + 0.5) + a4 * (y + 0.5) + a5
+            ok = not (xin < 0.0 or xin >= w or yin < 0.0 or yin >= h)
+            inside[x] = ok
+            xin -= 0.5
+            yin -= 0.5
+            xi = math.floor(xin) if ok else 0
+            dxs[x] = xin - xi
+            r = min(max(math.floor(yin) if ok else 0, 0), h - 1) * w
+            idx[0, x] = (r + min(max(xi - 1, 0), w - 1)) * c
+            idx[1, x] = (r + min(max(xi, 0), w - 1)) * c
+            idx[2, x] = (r + min(max(xi + 1, 0), w - 1)) * c
+            idx[3, x] = (r + min(max(xi + 2, 0), w - 1)) * c
+        for b in range(c):
+            for x in range(w):
+                v = _cubic(s[idx[0, x] + b], s[idx[1, x] + b], s[idx[2, x] + b], s[idx[3, x] + b], dxs[x])
+                v = min(max(v, 0.0), 255.0)  # then truncation, as Pillow's (UINT8) cast
+                o[(y * w + x) * c + b] = np.uint8(v) if inside[x] else fill[b]
+    return out
+
+
+@_njit
 def _blend(in1, in2, alpha, out):  # pragma: no cover (compiled)
     """Pillow's ``ImagingBlend`` (float32 alpha; clipped when extrapolating), on flat uint8 arrays."""
     a = np.float32(alpha)
@@ -177,7 +213,16 @@ def _affine(arr: np.ndarray, matrix, **kwargs) -> np.ndarray:
                                              resample=resample, fillcolor=fill)
         return np.asarray(img)
     fill = np.asarray(fill if isinstance(fill, tuple | list) else (fill,) * arr.shape[2], np.uint8)
-    return _affine_bicubic(np.ascontiguousarray(arr), *(float(m) for m in matrix), fill, np.empty_like(arr))
+    a0, a1, a2, a3, a4, a5 = (float(m) for m in matrix)
+    if (a3, a4, a5) == (0.0, 1.0, 0.0):  # x-shear / x-translation: exact rows
+        return _affine_bicubic_rows(np.ascontiguousarray(arr), a0, a1, a2, a3, a4, a5, fill, np.empty_like(arr))
+    if (a0, a1, a2) == (1.0, 0.0, 0.0):  # y-shear / y-translation: the same on the transposed image
+        # Transposed, Pillow's x and y formulas swap roles (a0<->a4, a1<->a3, a2<->a5); the sums only change
+        # order, which is exact in IEEE arithmetic, so the bytes are the same.
+        t = np.ascontiguousarray(arr.transpose(1, 0, 2))
+        out = _affine_bicubic_rows(t, a4, a3, a5, a1, a0, a2, fill, np.empty_like(t))
+        return np.ascontiguousarray(out.transpose(1, 0, 2))
+    return _affine_bicubic(np.ascontiguousarray(arr), a0, a1, a2, a3, a4, a5, fill, np.empty_like(arr))
 
 
 def shear_x(arr, factor, **kwargs):
