@@ -108,7 +108,7 @@ def test_tiny_lrf_every_value_matches_the_paper_recipe():
         "auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4, "reprob": 0.25, "remode": "pixel",
         "recount": 1, "interpolation": "bicubic", "mixup": 0.8, "cutmix": 1.0, "cutmix_minmax": None,
         "mixup_prob": 1.0, "mixup_switch_prob": 0.5, "mixup_mode": "batch", "label_smoothing": 0.1,
-        "test_crop": True}
+        "test_crop": True, "hflip": 0.5, "scale": [0.08, 1.0], "ratio": [0.75, 1.3333333333333333]}
     t = cfg["trainer"]
     assert {k: t[k] for k in ("epochs", "max_steps", "amp", "accum_steps", "clip_grad", "ema_decay",
                               "grad_checkpointing", "eval_every", "seed", "resume", "init_from")} == {
