@@ -19,10 +19,9 @@ from timm.data import create_transform
 
 import data.transforms  # noqa: F401  (timm's posterize with Pillow < 13 semantics, as the pipeline uses)
 from data.imagegen import natural_image
-from data.randaugment import ARRAY_OPS, fast_rand_augment, numba
+from data.randaugment import ARRAY_OPS, fast_rand_augment
 from data.transforms import TrainSampleTransform, seeded
 
-pytestmark = pytest.mark.skipif(numba is None, reason="never: numba is installed with the project's extras")
 RECIPE = "rand-m9-mstd0.5-inc1"
 
 
