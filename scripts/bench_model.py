@@ -36,11 +36,10 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from focalnet import create_model  # noqa: E402
 from focalnet.models.checkpoint import convert_official_to_timm  # noqa: E402
-from focalnet.models.dat import DAT, fvcore_flop_formulas  # noqa: E402
+from focalnet.models.flops import count_macs  # noqa: E402
 
 
 def timm_focalnet(name: str, ours: nn.Module, drop_path_rate: float) -> nn.Module | None:
@@ -87,16 +86,6 @@ def build_baseline(name: str, ours: nn.Module, drop_path_rate: float) -> tuple[s
             model = fn(name, ours, drop_path_rate)
             return (label if model is not None else "-"), model
     return "-", None
-
-
-def count_macs(model: nn.Module, img_size: int) -> float:
-    x = torch.randn(1, 3, img_size, img_size)
-    model.eval()
-    # DAT counts like its paper (fvcore rules incl. the fused CPU attention); FocalNet needs no extra rules.
-    mapping = fvcore_flop_formulas() if isinstance(model, DAT) else {}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        model(x)
-    return counter.get_total_flops() / 2
 
 
 @contextlib.contextmanager

@@ -58,6 +58,7 @@ from focalnet.models.checkpoint import (
     is_timm_format,
     read_state_dict,
 )
+from focalnet.models.flops import count_macs
 
 log = logging.getLogger(__name__)
 
@@ -430,16 +431,6 @@ def _write_results(cfg: dict, info: D.DistInfo, device: torch.device, results: d
 # ---- throughput -----------------------------------------------------------------------------------------
 
 
-def count_gmacs(model: nn.Module, img_size: int, device: torch.device) -> float:
-    """Multiply-accumulates of one image (what the paper and timm call GFLOPs), from torch's FLOP counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.randn(1, 3, img_size, img_size, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / 2 / 1e9
-
-
 def measure_throughput(model: nn.Module, *, batch_size: int, img_size: int, precision: str, compile: bool,
                        device: torch.device, warmup_iters: int, iters: int, channels_last: bool = False) -> float:
     """Images per second of forward passes (no grad) after warm-up; compile happens during warm-up."""
@@ -471,7 +462,7 @@ def run_throughput(cfg: dict) -> dict:
     model.eval().to(device)
     if t["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    gmacs = count_gmacs(model, tp["img_size"], device) if tp["flops"] else None
+    gmacs = count_macs(model, tp["img_size"], device) / 1e9 if tp["flops"] else None
     rows = []
     for compiled in tp["compile"]:
         for precision in tp["precisions"]:
