@@ -137,6 +137,42 @@ def _affine_bicubic_rows(src, a0, a1, a2, a3, a4, a5, fill, out):  # pragma: no 
 
 
 @_njit
+def _affine_bicubic_cols(src, a0, a1, a2, a3, a4, a5, fill, out):  # pragma: no cover (compiled)
+    """:func:`_affine_bicubic` when every source column is exact (``a0 == 1, a1 == 0, a2 == 0``: y-shears
+    and y-translations): Pillow's horizontal cubics then return their second input (column ``x``) exactly,
+    so one vertical cubic per value gives the same bytes. Row indices and fractions are computed per output
+    row first and the per-channel loop over x is branch-free, as in :func:`_affine_bicubic_rows`; no
+    transposed copies (a strided (H, W, 3) transpose costs as much as the kernel)."""
+    h, w, c = src.shape
+    s = src.reshape(-1)
+    o = out.reshape(-1)
+    idx = np.empty((4, w), np.int64)
+    dys = np.empty(w)
+    inside = np.empty(w, np.bool_)
+    for y in range(h):
+        for x in range(w):
+            xin = a0 * (x + 0.5) + a1 * (y + 0.5) + a2
+            yin = a3 * (x + 0.5) + a4 * (y + 0.5) + a5
+            ok = not (xin < 0.0 or xin >= w or yin < 0.0 or yin >= h)
+            inside[x] = ok
+            xin -= 0.5
+            yin -= 0.5
+            yi = math.floor(yin) if ok else 0
+            dys[x] = yin - yi
+            col = min(max(math.floor(xin) if ok else 0, 0), w - 1)
+            idx[0, x] = (min(max(yi - 1, 0), h - 1) * w + col) * c
+            idx[1, x] = (min(max(yi, 0), h - 1) * w + col) * c
+            idx[2, x] = (min(max(yi + 1, 0), h - 1) * w + col) * c
+            idx[3, x] = (min(max(yi + 2, 0), h - 1) * w + col) * c
+        for b in range(c):
+            for x in range(w):
+                v = _cubic(s[idx[0, x] + b], s[idx[1, x] + b], s[idx[2, x] + b], s[idx[3, x] + b], dys[x])
+                v = min(max(v, 0.0), 255.0)  # then truncation, as Pillow's (UINT8) cast
+                o[(y * w + x) * c + b] = np.uint8(v) if inside[x] else fill[b]
+    return out
+
+
+@_njit
 def _blend(in1, in2, alpha, out):  # pragma: no cover (compiled)
     """Pillow's ``ImagingBlend`` (float32 alpha; clipped when extrapolating), on flat uint8 arrays."""
     a = np.float32(alpha)
@@ -216,12 +252,8 @@ def _affine(arr: np.ndarray, matrix, **kwargs) -> np.ndarray:
     a0, a1, a2, a3, a4, a5 = (float(m) for m in matrix)
     if (a3, a4, a5) == (0.0, 1.0, 0.0):  # x-shear / x-translation: exact rows
         return _affine_bicubic_rows(np.ascontiguousarray(arr), a0, a1, a2, a3, a4, a5, fill, np.empty_like(arr))
-    if (a0, a1, a2) == (1.0, 0.0, 0.0):  # y-shear / y-translation: the same on the transposed image
-        # Transposed, Pillow's x and y formulas swap roles (a0<->a4, a1<->a3, a2<->a5); the sums only change
-        # order, which is exact in IEEE arithmetic, so the bytes are the same.
-        t = np.ascontiguousarray(arr.transpose(1, 0, 2))
-        out = _affine_bicubic_rows(t, a4, a3, a5, a1, a0, a2, fill, np.empty_like(t))
-        return np.ascontiguousarray(out.transpose(1, 0, 2))
+    if (a0, a1, a2) == (1.0, 0.0, 0.0):  # y-shear / y-translation: exact columns
+        return _affine_bicubic_cols(np.ascontiguousarray(arr), a0, a1, a2, a3, a4, a5, fill, np.empty_like(arr))
     return _affine_bicubic(np.ascontiguousarray(arr), a0, a1, a2, a3, a4, a5, fill, np.empty_like(arr))
 
 

@@ -247,10 +247,28 @@ class TrainSampleTransform:
                 pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8)[None]).permute(0, 3, 1, 2)
         top, left = int(top * sy), int(left * sx)
         h, w = max(int(round(h * sy)), 1), max(int(round(w * sx)), 1)
-        # torch's native uint8 antialiased kernel (what torchvision's resize calls for uint8) on a
-        # channels-last (1, 3, h, w) copy of the crop: channels-last in, channels-last out, so the HWC view
-        # of the result needs no copy. (A strided crop view, or a numpy-made copy whose strides torch does
-        # not label channels-last, make it resize in NCHW and copy back: 2.5x slower.)
+        return self._resize_crop(pixels, top, left, h, w, interp)
+
+    def crop_array(self, arr: np.ndarray) -> np.ndarray:
+        """Decoded (H, W, 3) uint8 image (the FFCV path) -> (S, S, 3) uint8 crop: the draws and the resize
+        kernel of :meth:`crop`, on full-resolution pixels. ``arr`` is only read."""
+        if self.rrc is None:
+            return self.center(Image.fromarray(arr)).permute(1, 2, 0).numpy()
+        with warnings.catch_warnings():  # a read-only input is only read
+            warnings.simplefilter("ignore", UserWarning)
+            pixels = torch.from_numpy(arr[None]).permute(0, 3, 1, 2)  # (1, 3, H, W) channels-last view
+        top, left, h, w = self.rrc.get_params(pixels[0], self.rrc.scale, self.rrc.ratio)
+        return self._resize_crop(pixels, top, left, h, w, self._interpolation())
+
+    def _resize_crop(self, pixels: torch.Tensor, top: int, left: int, h: int, w: int, interp) -> np.ndarray:
+        """(1, 3, H, W) uint8 channels-last pixels -> their (h, w) box at (top, left) resized to (S, S, 3).
+
+        torch's native uint8 antialiased kernel (what torchvision's resize calls for uint8) on a
+        channels-last (1, 3, h, w) copy of the crop: channels-last in, channels-last out, so the HWC view
+        of the result needs no copy. (A strided crop view, or a numpy-made copy whose strides torch does
+        not label channels-last, make it resize in NCHW and copy back: 2.5x slower.)
+        """
+        out_h, out_w = self.size
         crop = pixels[:, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)  # (1,3,h,w)
         x = F.interpolate(crop, size=(out_h, out_w), mode=_TORCH_MODES[interp], antialias=interp != _NEAREST,
                           **({} if interp == _NEAREST else {"align_corners": False}))
@@ -265,15 +283,15 @@ class TrainSampleTransform:
         The flip draws ``torch.rand(1) < p`` as torchvision's RandomHorizontalFlip does. RandAugment runs on
         the array (:mod:`data.randaugment`, timm's draws); other secondary transforms (ColorJitter) on PIL.
         """
-        flipped = False
+        src = arr
         for flip in self.flips:
             if torch.rand(1) < flip.p:
-                arr, flipped = arr[:, ::-1], True
+                arr = _hflip(arr)
         if self.array_augment is not None:
-            out = self.array_augment(np.ascontiguousarray(arr) if flipped else arr)
+            out = self.array_augment(arr)
         else:
             out = np.asarray(self.secondary(Image.fromarray(np.ascontiguousarray(arr))), dtype=np.uint8)
-        if out is arr or not out.flags.writeable or not out.flags.c_contiguous:
+        if out is src or not out.flags.writeable or not out.flags.c_contiguous:
             out = np.array(out)  # never hand out the caller's buffer or PIL's read-only one
         return out
 
@@ -294,6 +312,14 @@ def _decode_jpeg_rgb(img: Image.Image) -> torch.Tensor | None:
             return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB)[None]
     except RuntimeError as e:  # truncated or corrupt: skipped and counted like PIL's errors
         raise BadImage(f"decode_jpeg: {str(e).splitlines()[-1][:200]}") from e
+
+
+def _hflip(arr: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> a new, contiguous, mirrored array. torch's flip kernel: numpy's copy of a
+    negative-stride view of 3-byte pixels is ~30x slower (0.33 vs 0.01 ms at 224 px)."""
+    with warnings.catch_warnings():  # a read-only input (PIL's buffer) is only read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr).flip(1).numpy()
 
 
 def _identity(arr: np.ndarray) -> np.ndarray:

@@ -78,7 +78,7 @@ def test_write_read_round_trip_keeps_exact_labels(betons):
 def test_every_shipped_pipeline_constructs_and_runs(betons, test_crop):
     _, out = betons
     aug = OmegaConf.merge(DEIT, {"test_crop": test_crop})
-    loaders = build_loaders(ffcv_cfg(out, num_workers=1), aug, seed=1)  # train: seeded RRC; val: crop or squash
+    loaders = build_loaders(ffcv_cfg(out, num_workers=1), aug, seed=1)  # val: resize + crop, or squash
     for loader in (loaders.train, loaders.val):
         loader.set_epoch(0)
         x, y = next(iter(loader))
@@ -105,6 +105,31 @@ def test_ffcv_batches_depend_only_on_seed_epoch_and_resume_exactly(betons):
     for (a, ya), (b, yb) in zip(runs[2][1:], tail):
         assert torch.equal(ya, yb) and torch.equal(a, b)
     assert not torch.equal(other, runs[2][0][0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_raw_beton_gives_the_folder_paths_batches_bit_for_bit(tmp_path, workers):
+    """Same seed, same images (stored raw, so no decoder difference): the FFCV path's train batches (crop,
+    flip, RandAugment, erasing) and val batches (resize + center crop) are the folder path's, exactly."""
+    src = tmp_path / "src"
+    write_image_folder(str(src / "train"), 3, 4, size=(62, 50))  # < 2x32: the folder path never drafts
+    write_image_folder(str(src / "val"), 3, 2, size=(50, 62), seed=1)
+    write_betons(src, tmp_path / "ffcv", "--compress-probability", "0", "--max-resolution", "128")
+    folder = build_loaders(OmegaConf.create(dict(name="folder", root=str(src), num_classes=3, img_size=32,
+                                                 batch_size=4, num_workers=0, val_count=0)), DEIT, seed=3)
+    ffcv = build_loaders(ffcv_cfg(tmp_path / "ffcv", num_workers=workers), DEIT, seed=3)
+    for split in ("train", "val"):
+        for epoch in (0, 1):
+            getattr(folder, split).set_epoch(epoch)
+            getattr(ffcv, split).set_epoch(epoch)
+            ours = [(x.clone(), y.clone()) for x, y in getattr(ffcv, split)]
+            ref = list(getattr(folder, split))
+            assert len(ours) == len(ref) > 0
+            for (a, ya), (b, yb) in zip(ours, ref):
+                assert torch.equal(ya, yb)
+                assert torch.equal(a, b), f"{split} epoch {epoch}: max diff {(a - b).abs().max()}"
+    ffcv.train.close()
+    ffcv.val.close()
 
 
 def test_ffcv_config_errors_name_the_key(betons, tmp_path):
