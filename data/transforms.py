@@ -9,8 +9,8 @@ RandomErasing. We keep timm's objects for every random decision and split the wo
    RandAugment, giving a ``uint8`` (3, H, W) tensor. The crop is resized by torch's native antialiased
    ``uint8`` bicubic kernel on a channels-last view (about 2x faster than PIL's here, same filter, within
    a grey level or two) after libjpeg DCT-domain downscaling (PIL ``draft``) whenever the crop is at
-   least twice the output size. The FFCV path decodes and crops in FFCV and runs only ``augment_array``
-   (flip + RandAugment) here.
+   least twice the output size. The FFCV path decodes in FFCV and runs ``crop_array`` (the same draws
+   and resize on the decoded full-resolution pixels) and ``augment_array`` (flip + RandAugment) here.
 2. ``BatchFinisher`` (per sample, where the batch is assembled: the DataLoader worker's collate function
    :class:`FinishingCollate`, or the FFCV path's augmentation processes): normalize, then timm
    ``RandomErasing``. The main process receives finished float batches.
