@@ -228,3 +228,26 @@ def test_data_configs_compose_with_the_contract_keys(name, folder):
     assert d["name"] == name
     if name == "folder":
         assert d["num_classes"] == 3 == cfg.model.num_classes  # inferred from the class folders
+
+
+def test_ffcv_batch_buffers_are_reused_only_when_nobody_holds_them():
+    from data.ffcv_loader import BatchBuffers
+
+    bufs = BatchBuffers((2, 3, 4, 4), recycled=3, spare=2)
+    assert bufs.recycled == 3  # torch exposes storage use counts
+    k0 = bufs.acquire()
+    x0 = bufs.hand_out(k0, 2)
+    k1 = bufs.acquire()
+    assert k1 != k0
+    view = x0[:1]  # the caller drops the batch but keeps a view of it: still in use
+    del x0
+    k2 = bufs.acquire()
+    assert k2 not in (k0, k1)  # k1 is in the pool (busy), k0 is still seen through ``view``
+    del view
+    assert bufs.acquire() == k0  # nobody sees k0 any more
+    held = [bufs.hand_out(k, 2) for k in (k1, k2, k0)]
+    k = bufs.acquire()  # every recycled buffer is held: a spare, handed out as a copy
+    assert k >= bufs.recycled
+    batch = bufs.hand_out(k, 2)
+    assert batch.untyped_storage().data_ptr() != bufs.buffers[k].untyped_storage().data_ptr()
+    assert all(h.shape == (2, 3, 4, 4) for h in held)

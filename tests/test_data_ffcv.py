@@ -101,6 +101,19 @@ def test_ffcv_batches_depend_only_on_seed_epoch_and_resume_exactly(betons):
         loaders.train.close()
     for (a, ya), (b, yb) in zip(runs[0], runs[2]):
         assert torch.equal(ya, yb) and torch.equal(a, b)
+    # A caller that keeps every batch (no clone) still sees each one intact: held batch buffers are never
+    # reused, and an epoch abandoned halfway leaves no buffer marked busy.
+    loaders = build_loaders(ffcv_cfg(out, num_workers=2), DEIT, seed=7)
+    for _ in range(3):
+        loaders.train.set_epoch(1)
+        next(iter(loaders.train))
+    assert not loaders.train.outputs.busy
+    loaders.train.set_epoch(1)
+    kept = list(loaders.train)
+    loaders.train.close()
+    assert len(kept) == len(runs[2])
+    for (a, ya), (b, yb) in zip(runs[2], kept):
+        assert torch.equal(ya, yb) and torch.equal(a, b)
     assert len(tail) == len(runs[2]) - 1
     for (a, ya), (b, yb) in zip(runs[2][1:], tail):
         assert torch.equal(ya, yb) and torch.equal(a, b)
