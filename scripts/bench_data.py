@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", default="2", help="comma-separated worker counts, e.g. 1,2")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per path, alternated; best kept")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per path, alternated; best kept")
     p.add_argument("--max-resolution", type=int, default=512, help="FFCV: longest side stored")
     p.add_argument("--compress-probability", type=float, default=0.5, help="FFCV proportion mode")
     p.add_argument("--skip-ffcv", action="store_true")
