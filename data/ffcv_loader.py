@@ -188,7 +188,9 @@ class BatchBuffers:
     while someone can see it.
     """
 
-    def __init__(self, shape: tuple[int, ...], recycled: int = 4, spare: int = 2):
+    RECYCLED, SPARE = 4, 2  # the caller's batch + one more it may still hold, 2 in the pool; 2 in flight
+
+    def __init__(self, shape: tuple[int, ...], recycled: int = RECYCLED, spare: int = SPARE):
         # Separate tensors, not slices of one: the use count is per storage.
         self.buffers = [torch.empty(shape).share_memory_() for _ in range(recycled + spare)]
         self.recycled = recycled if hasattr(torch._C, "_storage_Use_Count") else 0
@@ -366,6 +368,36 @@ def _batches(it):
         yield result
 
 
+def pool_shared_bytes(path: str, batch_size: int, img_size: int) -> int:
+    """Shared memory one loader's pool maps: the input ring of packed decoded images and the output batches."""
+    from ffcv.reader import Reader
+
+    reader = Reader(path)
+    meta = reader.metadata[f"f{FFCVEpochLoader._field_index(reader, IMAGE_FIELD)}"]
+    packed = int((meta["height"].astype(np.int64) * meta["width"].astype(np.int64)).max()) * 3
+    outputs = BatchBuffers.RECYCLED + BatchBuffers.SPARE
+    return _RING_SLOTS * batch_size * packed + outputs * batch_size * 3 * img_size * img_size * 4
+
+
+def check_shared_memory(paths: list[tuple[str, str]], batch_size: int, img_size: int,
+                        shm_dir: str = "/dev/shm") -> None:
+    """Fail before work starts when /dev/shm cannot hold every local rank's pools: a full tmpfs only shows
+    up later, as a bus error (SIGBUS) in whichever process first touches a page that cannot be backed."""
+    if not os.path.isdir(shm_dir):
+        return
+    st = os.statvfs(shm_dir)
+    free = st.f_bavail * st.f_frsize
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    need = ranks * sum(pool_shared_bytes(path, batch_size, img_size) for path, _ in paths)
+    if need > free:
+        gib = 1 << 30
+        raise DataConfigError(
+            f"the FFCV loaders need {need / gib:.1f} GiB of shared memory ({ranks} local rank(s), train + val "
+            f"pools: data.batch_size={batch_size}, images up to the largest in {paths[0][0]}), but {shm_dir} "
+            f"has {free / gib:.1f} GiB free. Give the container more (docker run --shm-size=...), or lower "
+            f"data.batch_size, or write the .beton with a smaller --max-resolution, or set data.num_workers=0.")
+
+
 def _beton_path(data_cfg, key: str) -> str:
     value = data_cfg.get(key)
     if not value:
@@ -390,6 +422,9 @@ def build_ffcv(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, se
                   aug_cfg=aug_cfg, os_cache=bool(data_cfg.get("os_cache", True)),
                   batches_ahead=int(data_cfg.get("batches_ahead", 3)),
                   decode_threads=data_cfg.get("decode_threads"))
+    if common["num_workers"] > 0:
+        check_shared_memory([(train_path, "train_path"), (val_path, "val_path")], common["batch_size"],
+                            common["img_size"])
     loaders = {}
     for split, path in (("train", train_path), ("val", val_path)):
         meta = read_sidecar(path)

@@ -151,3 +151,17 @@ def test_ffcv_config_errors_name_the_key(betons, tmp_path):
         build_loaders(ffcv_cfg(out, train_path="missing.beton"), DEIT)
     with pytest.raises(DataConfigError, match=r"written with 3 classes but data\.num_classes=1000"):
         build_loaders(ffcv_cfg(out, num_classes=1000), DEIT)
+
+
+def test_too_little_shared_memory_fails_before_work_starts(betons, tmp_path, monkeypatch):
+    from data import ffcv_loader
+
+    _, out = betons
+    paths = [(str(out / "train.beton"), "train_path"), (str(out / "val.beton"), "val_path")]
+    need = sum(ffcv_loader.pool_shared_bytes(p, 4, 32) for p, _ in paths)
+    assert need > 4 * 6 * 3 * 32 * 32 * 4  # output batches + the packed input ring
+    ffcv_loader.check_shared_memory(paths, 4, 32)  # /dev/shm here has room
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(10**9))  # as if a billion ranks shared this node
+    with pytest.raises(DataConfigError, match=r"shared memory.*--shm-size.*data\.batch_size"):
+        build_loaders(ffcv_cfg(out, num_workers=2), DEIT)
+    build_loaders(ffcv_cfg(out, num_workers=0), DEIT)  # no pool, no shared memory: fine
