@@ -249,6 +249,7 @@ class FFCVEpochLoader:
             self.outputs = BatchBuffers((batch_size, 3, size, size))
             self.pool = mp.get_context("fork").Pool(self.num_workers, _pool_init,
                                                     (self.stage, self.ring_in, self.outputs.buffers))
+            self._workers = list(self.pool._pool)  # Pool replaces a dead worker silently; its task is lost
 
         class EpochOrder(TraversalOrder):
             order = np.arange(0, dtype=np.uint64)
@@ -304,13 +305,28 @@ class FFCVEpochLoader:
         if result is None:
             return torch.stack(inline), labels  # (B, 3, S, S) float32, finished in this process
         try:
+            self._check_workers()  # a dead worker's task never completes: fail instead of waiting forever
+            while not result.ready():
+                result.wait(1.0)
+                self._check_workers()
             result.get()  # re-raises a pool error here
         except BaseException:
             self.outputs.busy.discard(out)
             raise
         return self.outputs.hand_out(out, n), labels
 
+    def _check_workers(self) -> None:
+        dead = [w for w in self._workers if w.exitcode is not None]
+        if dead:
+            code = dead[0].exitcode
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            raise RuntimeError(f"an FFCV augmentation process (pid {dead[0].pid}) died ({how}; out of memory?); "
+                               f"its batch is lost. Resume from the last checkpoint, perhaps with fewer "
+                               f"data.num_workers or a smaller data.batch_size.")
+
     def __iter__(self):
+        if self.pool is not None:
+            self._check_workers()
         pairs = list(self.sampler)  # [(position in self.valid, sample seed)] for this rank, from start_batch
         if not pairs:
             return

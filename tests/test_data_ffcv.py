@@ -165,3 +165,23 @@ def test_too_little_shared_memory_fails_before_work_starts(betons, tmp_path, mon
     with pytest.raises(DataConfigError, match=r"shared memory.*--shm-size.*data\.batch_size"):
         build_loaders(ffcv_cfg(out, num_workers=2), DEIT)
     build_loaders(ffcv_cfg(out, num_workers=0), DEIT)  # no pool, no shared memory: fine
+
+
+def test_a_killed_augmentation_process_raises_instead_of_hanging(betons):
+    import signal
+
+    _, out = betons
+    loaders = build_loaders(ffcv_cfg(out, num_workers=2), DEIT)
+    loaders.train.set_epoch(0)
+    it = iter(loaders.train)
+    next(it)
+    worker = loaders.train._workers[0]
+    os.kill(worker.pid, signal.SIGKILL)  # as the OOM killer would
+    worker.join(10)
+    with pytest.raises(RuntimeError, match=r"augmentation process .* died \(killed by signal 9"):
+        for _ in it:
+            pass
+    with pytest.raises(RuntimeError, match="died"):  # and the next epoch does not start on a broken pool
+        loaders.train.set_epoch(1)
+        next(iter(loaders.train))
+    loaders.train.close()
