@@ -384,28 +384,33 @@ class BatchFinisher:
                 self.erase(out)
         return out
 
-    def __call__(self, images: torch.Tensor, seeds: torch.Tensor | Sequence[int] | None,
+    def __call__(self, images: torch.Tensor | Sequence[torch.Tensor], seeds: torch.Tensor | Sequence[int] | None,
                  preserve: bool = True, shared: bool = False) -> torch.Tensor:
-        seeds = seeds.tolist() if torch.is_tensor(seeds) else (seeds or [0] * images.shape[0])
+        """``images``: a uint8 (B, 3, H, W) batch or B (3, H, W) samples (any strides; no stacking needed)."""
+        shape = (len(images), *images[0].shape)
+        seeds = seeds.tolist() if torch.is_tensor(seeds) else (seeds or [0] * shape[0])
         if shared:  # in a loader worker: write straight into shared memory, as default_collate does
-            storage = torch.empty(0)._typed_storage()._new_shared(images.numel())
-            x = torch.empty(0).new(storage).view(images.shape)  # (B, 3, H, W) float32
+            storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape))
+            x = torch.empty(0).new(storage).view(shape)  # (B, 3, H, W) float32
         else:
-            x = torch.empty(images.shape, dtype=torch.float32)  # (B, 3, H, W)
+            x = torch.empty(shape, dtype=torch.float32)  # (B, 3, H, W)
         with preserved_rng() if preserve and self.erase is not None else contextlib.nullcontext():
-            for i in range(images.shape[0]):  # one sample at a time: a sample fits in cache, a batch does not
+            for i in range(shape[0]):  # one sample at a time: a sample fits in cache, a batch does not
                 self.finish_one(images[i], seeds[i], out=x[i], preserve=False)
         return x
 
 
 class FinishingCollate:
-    """DataLoader ``collate_fn``: stack ``(uint8 image, label, seed)`` samples, then finish the batch."""
+    """DataLoader ``collate_fn``: ``(uint8 image, label, seed)`` samples -> a finished float batch.
+
+    Each sample is normalized straight into its row of the batch: stacking the uint8 (channels-last
+    strided) samples first cost ~0.1 ms per image for nothing."""
 
     def __init__(self, finisher: BatchFinisher):
         self.finisher = finisher
 
     def __call__(self, samples):
-        images = torch.stack([s[0] for s in samples])  # (B, 3, S, S) uint8
+        images = [s[0] for s in samples]  # B x (3, S, S) uint8
         labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         in_main = torch.utils.data.get_worker_info() is None
         return self.finisher(images, [s[2] for s in samples], preserve=in_main, shared=not in_main), labels
