@@ -32,6 +32,8 @@ import multiprocessing as mp
 import os
 import queue
 from collections import deque
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 import numpy as np
 import torch
@@ -247,9 +249,13 @@ class FFCVEpochLoader:
             size, packed = int(img_size), int(self.sizes.prod(axis=1).max()) * 3
             self.ring_in = torch.empty((_RING_SLOTS, batch_size, packed), dtype=torch.uint8).share_memory_()
             self.outputs = BatchBuffers((batch_size, 3, size, size))
-            self.pool = mp.get_context("fork").Pool(self.num_workers, _pool_init,
-                                                    (self.stage, self.ring_in, self.outputs.buffers))
-            self._workers = list(self.pool._pool)  # Pool replaces a dead worker silently; its task is lost
+            # concurrent.futures, not multiprocessing.Pool: a worker that dies (OOM kill) breaks the executor,
+            # so its lost task raises instead of never completing, and shutdown cannot deadlock on a queue
+            # lock the dead worker held (Pool.terminate does).
+            self.pool = ProcessPoolExecutor(self.num_workers, mp_context=mp.get_context("fork"),
+                                            initializer=_pool_init,
+                                            initargs=(self.stage, self.ring_in, self.outputs.buffers))
+            self.pool.submit(int).result()  # fork every worker now, before FFCV starts threads here
 
         class EpochOrder(TraversalOrder):
             order = np.arange(0, dtype=np.uint64)
@@ -299,34 +305,33 @@ class FFCVEpochLoader:
         step = -(-n // self.num_workers)
         tasks = [(slot, out, lo, min(lo + step, n), seeds[lo:lo + step], sizes[lo:lo + step].tolist())
                  for lo in range(0, n, step)]
-        return self.pool.map_async(_process_range, tasks), out, n, None
+        try:
+            return [self.pool.submit(_process_range, t) for t in tasks], out, n, None
+        except BrokenExecutor as e:
+            self.outputs.busy.discard(out)
+            raise self._died() from e
 
     def _finish(self, result, out, n, inline, labels):
         if result is None:
             return torch.stack(inline), labels  # (B, 3, S, S) float32, finished in this process
         try:
-            self._check_workers()  # a dead worker's task never completes: fail instead of waiting forever
-            while not result.ready():
-                result.wait(1.0)
-                self._check_workers()
-            result.get()  # re-raises a pool error here
+            for future in result:
+                future.result()  # re-raises a worker's error here
+        except BrokenExecutor as e:
+            self.outputs.busy.discard(out)
+            raise self._died() from e
         except BaseException:
             self.outputs.busy.discard(out)
             raise
         return self.outputs.hand_out(out, n), labels
 
-    def _check_workers(self) -> None:
-        dead = [w for w in self._workers if w.exitcode is not None]
-        if dead:
-            code = dead[0].exitcode
-            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            raise RuntimeError(f"an FFCV augmentation process (pid {dead[0].pid}) died ({how}; out of memory?); "
-                               f"its batch is lost. Resume from the last checkpoint, perhaps with fewer "
-                               f"data.num_workers or a smaller data.batch_size.")
+    @staticmethod
+    def _died() -> RuntimeError:
+        return RuntimeError("an FFCV augmentation process died (killed: out of memory?) and its batch is lost. "
+                            "Resume from the last checkpoint, perhaps with fewer data.num_workers or a smaller "
+                            "data.batch_size.")
 
     def __iter__(self):
-        if self.pool is not None:
-            self._check_workers()
         pairs = list(self.sampler)  # [(position in self.valid, sample seed)] for this rank, from start_batch
         if not pairs:
             return
@@ -351,12 +356,12 @@ class FFCVEpochLoader:
             it.close()
             for result, out, *_ in pending:  # an abandoned epoch: let the pool finish with its buffers
                 if result is not None:
-                    result.wait()
+                    futures_wait(result)
                     self.outputs.busy.discard(out)
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()
+            self.pool.shutdown(wait=False, cancel_futures=True)  # idle workers exit; busy ones after their task
             self.pool = None
 
     def __del__(self):
