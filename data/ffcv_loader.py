@@ -190,7 +190,9 @@ class BatchBuffers:
     while someone can see it.
     """
 
-    RECYCLED, SPARE = 4, 2  # the caller's batch + one more it may still hold, 2 in the pool; 2 in flight
+    # recycled: the caller's batch, the one before it (its loop variable is still bound during next()) and
+    # the 2 in the pool; spare: the 2 in the pool when the caller keeps every batch it got.
+    RECYCLED, SPARE = 4, 2
 
     def __init__(self, shape: tuple[int, ...], recycled: int = RECYCLED, spare: int = SPARE):
         # Separate tensors, not slices of one: the use count is per storage.
@@ -321,6 +323,7 @@ class FFCVEpochLoader:
             self.outputs.busy.discard(out)
             raise self._died() from e
         except BaseException:
+            futures_wait(result)  # the batch's other tasks may still be writing into the buffer
             self.outputs.busy.discard(out)
             raise
         return self.outputs.hand_out(out, n), labels
