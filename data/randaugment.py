@@ -102,16 +102,18 @@ def _affine_bicubic(src, a0, a1, a2, a3, a4, a5, fill, out):  # pragma: no cover
 
 
 @_njit
-def _affine_bicubic_rows(src, a0, a1, a2, a3, a4, a5, fill, out):  # pragma: no cover (compiled)
-    """:func:`_affine_bicubic` when every source row is exact (``a3 == 0, a4 == 1, a5 == 0``: x-shears and
-    x-translations): Pillow's vertical cubic then returns its second input exactly, so one horizontal cubic
-    per value gives the same bytes. Indices are computed per row first, so the per-channel loop over x is
-    branch-free and vectorizes (gathers): ~2x faster than the per-pixel kernel."""
+def _affine_bicubic_1d(src, a0, a1, a2, a3, a4, a5, fill, along_x, out):  # pragma: no cover (compiled)
+    """:func:`_affine_bicubic` when one source coordinate is exact, so one cubic per value gives Pillow's
+    bytes: ``along_x`` (``a3 == 0, a4 == 1, a5 == 0``: x-shears and x-translations), where Pillow's vertical
+    cubic returns its second input exactly; otherwise (``a0 == 1, a1 == 0, a2 == 0``: y-shears and
+    y-translations) its horizontal cubics return column ``x``. Tap offsets and fractions are computed per
+    output row first, so the per-channel loop over x is branch-free and vectorizes (gathers): ~2x faster
+    than the per-pixel kernel, and no transposed copies (a strided (H, W, 3) transpose costs as much)."""
     h, w, c = src.shape
     s = src.reshape(-1)
     o = out.reshape(-1)
     idx = np.empty((4, w), np.int64)
-    dxs = np.empty(w)
+    fracs = np.empty(w)
     inside = np.empty(w, np.bool_)
     for y in range(h):
         for x in range(w):
@@ -121,52 +123,21 @@ def _affine_bicubic_rows(src, a0, a1, a2, a3, a4, a5, fill, out):  # pragma: no 
             inside[x] = ok
             xin -= 0.5
             yin -= 0.5
-            xi = math.floor(xin) if ok else 0
-            dxs[x] = xin - xi
-            r = min(max(math.floor(yin) if ok else 0, 0), h - 1) * w
-            idx[0, x] = (r + min(max(xi - 1, 0), w - 1)) * c
-            idx[1, x] = (r + min(max(xi, 0), w - 1)) * c
-            idx[2, x] = (r + min(max(xi + 1, 0), w - 1)) * c
-            idx[3, x] = (r + min(max(xi + 2, 0), w - 1)) * c
+            if along_x:  # taps along the row floor(yin)
+                i = math.floor(xin) if ok else 0
+                fracs[x] = xin - i
+                row = min(max(math.floor(yin) if ok else 0, 0), h - 1) * w
+                for k in range(4):
+                    idx[k, x] = (row + min(max(i - 1 + k, 0), w - 1)) * c
+            else:  # taps along the column floor(xin)
+                i = math.floor(yin) if ok else 0
+                fracs[x] = yin - i
+                col = min(max(math.floor(xin) if ok else 0, 0), w - 1)
+                for k in range(4):
+                    idx[k, x] = (min(max(i - 1 + k, 0), h - 1) * w + col) * c
         for b in range(c):
             for x in range(w):
-                v = _cubic(s[idx[0, x] + b], s[idx[1, x] + b], s[idx[2, x] + b], s[idx[3, x] + b], dxs[x])
-                v = min(max(v, 0.0), 255.0)  # then truncation, as Pillow's (UINT8) cast
-                o[(y * w + x) * c + b] = np.uint8(v) if inside[x] else fill[b]
-    return out
-
-
-@_njit
-def _affine_bicubic_cols(src, a0, a1, a2, a3, a4, a5, fill, out):  # pragma: no cover (compiled)
-    """:func:`_affine_bicubic` when every source column is exact (``a0 == 1, a1 == 0, a2 == 0``: y-shears
-    and y-translations): Pillow's horizontal cubics then return their second input (column ``x``) exactly,
-    so one vertical cubic per value gives the same bytes. Row indices and fractions are computed per output
-    row first and the per-channel loop over x is branch-free, as in :func:`_affine_bicubic_rows`; no
-    transposed copies (a strided (H, W, 3) transpose costs as much as the kernel)."""
-    h, w, c = src.shape
-    s = src.reshape(-1)
-    o = out.reshape(-1)
-    idx = np.empty((4, w), np.int64)
-    dys = np.empty(w)
-    inside = np.empty(w, np.bool_)
-    for y in range(h):
-        for x in range(w):
-            xin = a0 * (x + 0.5) + a1 * (y + 0.5) + a2
-            yin = a3 * (x + 0.5) + a4 * (y + 0.5) + a5
-            ok = not (xin < 0.0 or xin >= w or yin < 0.0 or yin >= h)
-            inside[x] = ok
-            xin -= 0.5
-            yin -= 0.5
-            yi = math.floor(yin) if ok else 0
-            dys[x] = yin - yi
-            col = min(max(math.floor(xin) if ok else 0, 0), w - 1)
-            idx[0, x] = (min(max(yi - 1, 0), h - 1) * w + col) * c
-            idx[1, x] = (min(max(yi, 0), h - 1) * w + col) * c
-            idx[2, x] = (min(max(yi + 1, 0), h - 1) * w + col) * c
-            idx[3, x] = (min(max(yi + 2, 0), h - 1) * w + col) * c
-        for b in range(c):
-            for x in range(w):
-                v = _cubic(s[idx[0, x] + b], s[idx[1, x] + b], s[idx[2, x] + b], s[idx[3, x] + b], dys[x])
+                v = _cubic(s[idx[0, x] + b], s[idx[1, x] + b], s[idx[2, x] + b], s[idx[3, x] + b], fracs[x])
                 v = min(max(v, 0.0), 255.0)  # then truncation, as Pillow's (UINT8) cast
                 o[(y * w + x) * c + b] = np.uint8(v) if inside[x] else fill[b]
     return out
@@ -250,10 +221,10 @@ def _affine(arr: np.ndarray, matrix, **kwargs) -> np.ndarray:
         return np.asarray(img)
     fill = np.asarray(fill if isinstance(fill, tuple | list) else (fill,) * arr.shape[2], np.uint8)
     a0, a1, a2, a3, a4, a5 = (float(m) for m in matrix)
-    if (a3, a4, a5) == (0.0, 1.0, 0.0):  # x-shear / x-translation: exact rows
-        return _affine_bicubic_rows(np.ascontiguousarray(arr), a0, a1, a2, a3, a4, a5, fill, np.empty_like(arr))
-    if (a0, a1, a2) == (1.0, 0.0, 0.0):  # y-shear / y-translation: exact columns
-        return _affine_bicubic_cols(np.ascontiguousarray(arr), a0, a1, a2, a3, a4, a5, fill, np.empty_like(arr))
+    along_x = (a3, a4, a5) == (0.0, 1.0, 0.0)  # x-shear / x-translation: exact rows
+    if along_x or (a0, a1, a2) == (1.0, 0.0, 0.0):  # ... or y-shear / y-translation: exact columns
+        return _affine_bicubic_1d(np.ascontiguousarray(arr), a0, a1, a2, a3, a4, a5, fill, along_x,
+                                  np.empty_like(arr))
     return _affine_bicubic(np.ascontiguousarray(arr), a0, a1, a2, a3, a4, a5, fill, np.empty_like(arr))
 
 
