@@ -103,26 +103,29 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 
 
 def start_and_wait_for_step(run_dir: Path, step: int, *extra: str) -> subprocess.Popen:
+    """Start a run that parks after update ``step`` (the FOCALNET_PAUSE_AT_STEP test hook) and return once it
+    is parked: the kill or signal then lands at exactly that step, however loaded the machine is."""
+    marker = run_dir.parent / "paused"
     cmd = [PYTHON, str(ROOT / "train.py"), *TINY, *RESUME, f"hydra.run.dir={run_dir}", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 300
+    env = train_env(FOCALNET_PAUSE_AT_STEP=str(step), FOCALNET_PAUSE_FILE=str(marker))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if any(m.get("step", 0) >= step for m in read_metrics(run_dir)):
+        if Path(f"{marker}.rank0").exists():
             return proc
-        time.sleep(0.02)
+        time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"run never reached step {step}: {proc.stderr.read()[-3000:]}")
 
 
 def test_resume_after_sigkill_mid_epoch_is_bitwise_exact(tmp_path, reference_run):
     run_dir = tmp_path / "run"
-    proc = start_and_wait_for_step(run_dir, 23)  # epoch 1 (steps 17-32); last.pt from step 20 or later
+    proc = start_and_wait_for_step(run_dir, 23)  # epoch 1 (steps 17-32); last.pt from step 20
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     killed_at = max(m["step"] for m in read_metrics(run_dir))
     saved = load_file(run_dir / "checkpoints" / "last.pt")
-    assert 0 < saved["batch_in_epoch"] < 16 and saved["step"] < 48, "the kill must land inside an epoch"
+    assert killed_at == 23 and saved["step"] == 20 and saved["batch_in_epoch"] == 4  # inside epoch 1
     check(run_train([*RESUME, f"hydra.run.dir={run_dir}"]))  # trainer.resume=auto is the default
     resumed = [m for m in read_metrics(run_dir) if "resumed_from_step" in m]
     assert resumed and resumed[0]["resumed_from_step"] == saved["step"] <= killed_at
@@ -137,7 +140,7 @@ def test_resume_after_sigterm_is_bitwise_exact(tmp_path, reference_run):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     saved = load_file(run_dir / "checkpoints" / "last.pt")
-    assert 7 <= saved["step"] < 48 and saved["wandb_id"]
+    assert saved["step"] == 7 and saved["wandb_id"]
     check(run_train([*RESUME, f"hydra.run.dir={run_dir}", wandb_on]))
     final = load_file(run_dir / "checkpoints" / "last.pt")
     assert_same_training_state(final, reference_run)

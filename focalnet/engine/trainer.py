@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -56,6 +57,10 @@ log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # USR2: submitit (hydra/launcher=slurm)
+
+
+# Test hook: see TrainRun._pause_for_test. Unset in real runs.
+_PAUSE_AT_STEP = int(os.environ.get("FOCALNET_PAUSE_AT_STEP", "-1"))
 
 
 class TrainingPreempted(Exception):
@@ -270,11 +275,26 @@ class TrainRun:
                                       img_s=f"{metrics['train/img_per_s']:.0f}", refresh=False)
         if step >= self.total_steps:
             return "done"
+        if step == _PAUSE_AT_STEP:
+            self._pause_for_test(step)
         if D.any_rank(self.preempt.signum is not None, self.device):
             return "preempted"
         if t["ckpt_every_steps"] and step % t["ckpt_every_steps"] == 0:
             self.save()
         return None
+
+    def _pause_for_test(self, step: int) -> None:
+        """Test hook (``FOCALNET_PAUSE_AT_STEP``): park this rank after update ``step`` until a preemption signal
+        arrives, so tests signal or kill a run at an exact step instead of polling for it. Each rank first
+        writes ``$FOCALNET_PAUSE_FILE.rank<r>`` (its pid) to say it is parked; ``FOCALNET_PAUSE_TIMEOUT``
+        (default 600 s) bounds the wait."""
+        if marker := os.environ.get("FOCALNET_PAUSE_FILE"):
+            tmp = Path(f"{marker}.rank{self.info.rank}.tmp")
+            tmp.write_text(str(os.getpid()))
+            tmp.rename(f"{marker}.rank{self.info.rank}")
+        deadline = time.monotonic() + float(os.environ.get("FOCALNET_PAUSE_TIMEOUT", "600"))
+        while self.preempt.signum is None and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     # -- validation --------------------------------------------------------------------------------------
 
