@@ -28,7 +28,7 @@ register_resolvers()  # ${run_id:} and ${rank_suffix:} are used by conf/eval.yam
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float | None:
-    from data.folder import DataConfigError
+    from focalnet.data.folder import DataConfigError
     from focalnet.engine import ConfigError, evaluate
     from focalnet.models.checkpoint import CheckpointError
 

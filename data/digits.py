@@ -8,7 +8,7 @@ black ink on white paper, upscaled (bicubic) to ``data.store_size`` pixels, into
     <data.root>/val/<0..9>/<index>.jpg       ~20% of each class (fixed split, same on every machine)
     <data.root>/digits.json                  what was written (sizes, split, counts); marks completion
 
-Training then goes through exactly the ImageNet folder pipeline (:func:`data.folder.make_loaders`); the
+Training then goes through exactly the ImageNet folder pipeline (:func:`focalnet.data.folder.make_loaders`); the
 FFCV variant converts that folder with ``scripts/write_ffcv.py`` once and reads it with the ImageNet FFCV
 loader. Creation is atomic and safe when several ranks (or runs) race: each writer fills a private
 temporary directory and renames it into place; the first rename wins and the others discard their copy.
@@ -30,8 +30,8 @@ import time
 
 import numpy as np
 
-from data.folder import DataConfigError, folder_samples, make_loaders
-from data.loaders import Loaders, register_builder
+from focalnet.data.folder import DataConfigError, folder_samples, make_loaders
+from focalnet.data.loaders import Loaders, register_builder
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def build_digits_ffcv(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int 
     """The digits as FFCV files (written from the digits folder on first use) through the FFCV loader."""
     from omegaconf import OmegaConf, open_dict
 
-    from data.ffcv_loader import build_ffcv, require_ffcv
+    from focalnet.data.ffcv_loader import build_ffcv, require_ffcv
 
     require_ffcv()
     folder_root = _materialize_from_cfg(data_cfg)

@@ -33,7 +33,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from data.folder import (
+from focalnet.data.folder import (
     DataConfigError,
     FolderEpochLoader,
     ImageFileDataset,
@@ -42,8 +42,8 @@ from data.folder import (
     list_classes,
     scan_folder,
 )
-from data.loaders import build_loaders
-from data.transforms import BatchFinisher, EvalSampleTransform
+from focalnet.data.loaders import build_loaders
+from focalnet.data.transforms import BatchFinisher, EvalSampleTransform
 
 EVAL_SETS = ("val", "real", "v2", "a", "r")
 IN1K_CLASSES = 1000

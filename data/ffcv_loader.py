@@ -6,12 +6,12 @@ threaded code. It has no RandAugment or RandomErasing, and its crop decoders res
 antialiased bicubic). So FFCV's decoder here only decodes, into a flat max-size buffer, and everything
 after runs per sample in a process pool (``data.num_workers`` processes) with the folder path's own
 code: RandomResizedCrop (timm's draws, torch's antialiased bicubic), flip, RandAugment, normalize and
-RandomErasing for training (:class:`data.transforms.TrainSampleTransform` + :class:`BatchFinisher`);
-the official resize + center crop (PIL) for evaluation (:class:`data.transforms.EvalSampleTransform`).
+RandomErasing for training (:class:`focalnet.data.transforms.TrainSampleTransform` + :class:`BatchFinisher`);
+the official resize + center crop (PIL) for evaluation (:class:`focalnet.data.transforms.EvalSampleTransform`).
 For the same seed, a raw-pixel ``.beton`` gives the folder path's batches bit for bit
 (``tests/test_data_ffcv.py``); JPEG-stored images differ only by FFCV's fast-DCT decoder.
 
-Determinism and resume: the sample order is :class:`data.loaders.ResumableDistributedSampler`'s (a
+Determinism and resume: the sample order is :class:`focalnet.data.loaders.ResumableDistributedSampler`'s (a
 function of seed and epoch, sharded over ranks, resumable at any batch), installed as FFCV's traversal
 order; every random draw is seeded per sample from (seed, epoch, index), so nothing depends on thread or
 process scheduling or the resume point.
@@ -39,9 +39,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.folder import DataConfigError
-from data.loaders import Loaders, ResumableDistributedSampler, register_builder
-from data.transforms import BatchFinisher, EvalSampleTransform, TrainSampleTransform, _aug_get, seeded
+from focalnet.data.folder import DataConfigError
+from focalnet.data.loaders import Loaders, ResumableDistributedSampler, register_builder
+from focalnet.data.transforms import (
+    BatchFinisher,
+    EvalSampleTransform,
+    TrainSampleTransform,
+    _aug_get,
+    seeded,
+)
 
 IMAGE_FIELD, LABEL_FIELD = "image", "label"
 
@@ -218,7 +224,7 @@ class BatchBuffers:
 
 
 class FFCVEpochLoader:
-    """The :mod:`data.loaders` loader contract over an FFCV ``Loader`` (train or eval)."""
+    """The :mod:`focalnet.data.loaders` loader contract over an FFCV ``Loader`` (train or eval)."""
 
     def __init__(self, path: str, *, train: bool, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int, img_size: int, aug_cfg=None, os_cache: bool = True, batches_ahead: int = 3,

@@ -20,7 +20,7 @@ Layouts
   ``data.root/data.image_dir``. Labels are taken as written.
 
 Every dataset yields ``(uint8 image (3, S, S), label, sample seed)``; the loader's collate function
-(:class:`data.transforms.FinishingCollate`, in the worker) turns them into the contract's normalized float
+(:class:`focalnet.data.transforms.FinishingCollate`, in the worker) turns them into the contract's normalized float
 batches with per-sample random erasing. Unreadable images are
 skipped, counted in shared memory (workers are processes) and replaced deterministically by the next
 index, so every rank keeps the same batch count and size.
@@ -36,8 +36,8 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from data.loaders import EpochLoader, Loaders, register_builder
-from data.transforms import (
+from focalnet.data.loaders import EpochLoader, Loaders, register_builder
+from focalnet.data.transforms import (
     BadImage,
     BatchFinisher,
     EvalSampleTransform,

@@ -47,9 +47,9 @@ def register_builder(name: str) -> Callable[[Builder], Builder]:
 
 def _import_builders() -> None:
     # Import for the registration side effect; optional backends (FFCV) register lazily inside.
-    import data.synthetic  # noqa: F401
+    import focalnet.data.synthetic  # noqa: F401
 
-    for mod in ("data.folder", "data.ffcv_loader", "data.digits"):
+    for mod in ("focalnet.data.folder", "focalnet.data.ffcv_loader", "focalnet.data.digits"):
         try:
             __import__(mod)
         except ModuleNotFoundError as e:  # the module itself is absent (not a missing dependency inside it)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from data.loaders import EpochLoader, Loaders, register_builder
+from focalnet.data.loaders import EpochLoader, Loaders, register_builder
 
 
 class SyntheticImages(Dataset):

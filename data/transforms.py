@@ -39,7 +39,7 @@ from timm.data import auto_augment as _auto_augment
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_interp_mode
 
-from data.randaugment import fast_rand_augment, warm_up
+from focalnet.data.randaugment import fast_rand_augment, warm_up
 
 
 def _posterize_any_pillow(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
@@ -281,7 +281,7 @@ class TrainSampleTransform:
         """(S, S, 3) uint8 crop -> flip + RandAugment -> (S, S, 3) uint8 (writable; ``arr`` is not modified).
 
         The flip draws ``torch.rand(1) < p`` as torchvision's RandomHorizontalFlip does. RandAugment runs on
-        the array (:mod:`data.randaugment`, timm's draws); other secondary transforms (ColorJitter) on PIL.
+        the array (:mod:`focalnet.data.randaugment`, timm's draws); other secondary transforms (ColorJitter) on PIL.
         """
         src = arr
         for flip in self.flips:

@@ -1,8 +1,14 @@
 """FocalNet: Focal Modulation Networks, with a training framework around them.
 
 Public API: ``create_model``, ``list_models``, ``load_checkpoint``, ``FocalNet``, ``FocalModulation``.
+Subpackages: ``focalnet.models``, ``focalnet.engine``, ``focalnet.data`` (the repository's ``data/`` folder,
+see :mod:`focalnet.layout`).
 """
 
-from focalnet.models import FocalModulation, FocalNet, create_model, list_models, load_checkpoint
+from focalnet import layout
+
+layout.use_checkout_data()  # before anything imports focalnet.data
+
+from focalnet.models import FocalModulation, FocalNet, create_model, list_models, load_checkpoint  # noqa: E402
 
 __all__ = ["FocalModulation", "FocalNet", "create_model", "list_models", "load_checkpoint"]

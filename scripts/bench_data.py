@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from data import build_loaders  # noqa: E402
-from data.imagegen import write_image_folder  # noqa: E402
+from focalnet.data import build_loaders  # noqa: E402
+from focalnet.data.imagegen import write_image_folder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, reprob=0.25, remode="pixel", recount=1,
@@ -37,7 +37,7 @@ def official_loader(root: str, size: int, batch: int, workers: int):
     import torchvision.datasets as tvd
     from timm.data import create_transform
 
-    import data.transforms  # noqa: F401  (the Pillow 13 posterize fix applies to timm's RandAugment too)
+    import focalnet.data.transforms  # noqa: F401  (the Pillow 13 posterize fix applies to timm's RandAugment too)
 
     tf = create_transform(size, is_training=True, auto_augment=RECIPE["auto_augment"], color_jitter=0.4,
                           re_prob=0.25, re_mode="pixel", re_count=1, interpolation="bicubic")

@@ -12,7 +12,7 @@ outputs of ``f`` (no sigmoid in FocalNet), so they are drawn on a diverging scal
 
 The model comes from the checkpoint's stored config (our run checkpoints), or from ``--model`` /
 ``--num-classes`` (official microsoft/FocalNet ``.pth`` or timm files, loaded by ``focalnet.load_checkpoint``).
-Images are prepared like validation images (``data.transforms.EvalSampleTransform``). The maps are recorded
+Images are prepared like validation images (``focalnet.data.transforms.EvalSampleTransform``). The maps are recorded
 through :class:`focalnet.FocalModulation`'s ``store_maps`` switch, only for this forward pass.
 """
 
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import focalnet  # noqa: E402
-from data.transforms import BatchFinisher, EvalSampleTransform, open_image  # noqa: E402
+from focalnet.data.transforms import BatchFinisher, EvalSampleTransform, open_image  # noqa: E402
 from focalnet.engine.checkpointing import load_file  # noqa: E402
 
 
@@ -55,14 +55,14 @@ def build_model(ckpt_path: str, model_name: str | None, num_classes: int | None,
 
 def val_images(run_cfg: dict, count: int) -> list[tuple[str, int]]:
     """``count`` validation images of the run's dataset, spread over the classes (first of each class first)."""
-    import data  # noqa: F401  (registers the config resolvers)
-    from data.folder import dataset_samples
+    import focalnet.data  # noqa: F401  (registers the config resolvers)
+    from focalnet.data.folder import dataset_samples
 
     if not run_cfg:
         raise SystemExit("--val needs a run checkpoint (it names the dataset); pass image paths instead")
     dcfg = dict(run_cfg["data"])
     if str(dcfg["name"]).startswith("digits"):
-        from data.digits import materialize
+        from focalnet.data.digits import materialize
 
         materialize(dcfg["root"], store_size=int(dcfg.get("store_size", 64)),
                     val_fraction=float(dcfg.get("val_fraction", 0.2)), jpeg_quality=int(dcfg.get("jpeg_quality", 95)))

@@ -26,9 +26,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data  # noqa: E402,F401  (registers the config resolvers)
-from data.folder import dataset_samples  # noqa: E402
-from data.transforms import BadImage, decode_rgb, open_image  # noqa: E402
+import focalnet.data  # noqa: E402,F401  (registers the config resolvers)
+from focalnet.data.folder import dataset_samples  # noqa: E402
+from focalnet.data.transforms import BadImage, decode_rgb, open_image  # noqa: E402
 
 log = logging.getLogger("write_ffcv")
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from data.ffcv_loader import require_ffcv
+    from focalnet.data.ffcv_loader import require_ffcv
 
     require_ffcv()
     data_cfg = compose_data_cfg(args.overrides)

@@ -10,10 +10,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from data import build_loaders
-from data.folder import DataConfigError
-from data.imagegen import BAD_KINDS, DECODABLE_KINDS, write_bad_image, write_image_folder
-from data.transforms import EvalSampleTransform, TrainSampleTransform, load_rgb, open_image, seeded
+from focalnet.data import build_loaders
+from focalnet.data.folder import DataConfigError
+from focalnet.data.imagegen import BAD_KINDS, DECODABLE_KINDS, write_bad_image, write_image_folder
+from focalnet.data.transforms import EvalSampleTransform, TrainSampleTransform, load_rgb, open_image, seeded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEIT = OmegaConf.load(os.path.join(ROOT, "conf/aug/deit.yaml"))
@@ -166,7 +166,7 @@ def test_recipe_is_the_focalnet_one():
     assert "RandAugment" in repr(tf.secondary) and "ColorJitter" not in repr(tf.secondary)  # timm: AA disables CJ
     ra = tf.secondary.transforms[0]
     assert ra.num_layers == 2 and ra.ops[0].magnitude == 9 and ra.ops[0].magnitude_std == 0.5
-    from data.transforms import BatchFinisher
+    from focalnet.data.transforms import BatchFinisher
 
     fin = BatchFinisher(DEIT, train=True)
     assert (fin.erase.probability, fin.erase.mode, fin.erase.max_count) == (0.25, "pixel", 1)
@@ -218,7 +218,7 @@ def test_imagenet22k_map_files(tmp_path):
 def test_data_configs_compose_with_the_contract_keys(name, folder):
     from conftest import compose_config
 
-    import data  # noqa: F401  (registers ${folder_num_classes:})
+    import focalnet.data  # noqa: F401  (registers ${folder_num_classes:})
 
     overrides = [f"data={name}", f"data.root={folder}"]
     cfg = compose_config(overrides)
@@ -231,7 +231,7 @@ def test_data_configs_compose_with_the_contract_keys(name, folder):
 
 
 def test_ffcv_batch_buffers_are_reused_only_when_nobody_holds_them():
-    from data.ffcv_loader import BatchBuffers
+    from focalnet.data.ffcv_loader import BatchBuffers
 
     bufs = BatchBuffers((2, 3, 4, 4), recycled=3, spare=2)
     assert bufs.recycled == 3  # torch exposes storage use counts

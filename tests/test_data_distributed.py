@@ -15,14 +15,14 @@ from collections import Counter
 
 import pytest
 
-from data.imagegen import write_image_folder
+from focalnet.data.imagegen import write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RANK_SCRIPT = r"""
 import json, sys
 from omegaconf import OmegaConf
-from data import build_loaders
+from focalnet.data import build_loaders
 cfg, rank, epoch, start = OmegaConf.create(json.loads(sys.argv[1])), int(sys.argv[2]), 1, int(sys.argv[3])
 aug = OmegaConf.load("conf/aug/deit.yaml")
 loaders = build_loaders(cfg, aug, rank=rank, world_size=2, seed=123)

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import PYTHON, ROOT, run_train
 
-from data.imagegen import write_bad_image, write_image_folder
+from focalnet.data.imagegen import write_bad_image, write_image_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from data import build_loaders
-from data.folder import DataConfigError, folder_samples
-from data.imagegen import write_bad_image, write_image_folder
+from focalnet.data import build_loaders
+from focalnet.data.folder import DataConfigError, folder_samples
+from focalnet.data.imagegen import write_bad_image, write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEIT = OmegaConf.load(os.path.join(ROOT, "conf/aug/deit.yaml"))
@@ -155,7 +155,7 @@ def test_ffcv_config_errors_name_the_key(betons, tmp_path):
 
 
 def test_too_little_shared_memory_fails_before_work_starts(betons, tmp_path, monkeypatch):
-    from data import ffcv_loader
+    from focalnet.data import ffcv_loader
 
     _, out = betons
     paths = [(str(out / "train.beton"), "train_path"), (str(out / "val.beton"), "val_path")]

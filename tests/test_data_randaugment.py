@@ -1,4 +1,4 @@
-"""data.randaugment: timm's RandAugment on arrays must be timm's RandAugment on PIL, pixel for pixel.
+"""focalnet.data.randaugment: timm's RandAugment on arrays must be timm's RandAugment on PIL, pixel for pixel.
 
 Every op of the recipe's op set (and the non-'inc' variants) is compared with timm's PIL op at fixed
 magnitudes on natural-like images, then the whole ``rand-m9-mstd0.5-inc1`` transform over many seeds,
@@ -17,10 +17,10 @@ from PIL import Image
 from timm.data import auto_augment as aa
 from timm.data import create_transform
 
-import data.transforms  # noqa: F401  (timm's posterize with Pillow < 13 semantics, as the pipeline uses)
-from data.imagegen import natural_image
-from data.randaugment import ARRAY_OPS, fast_rand_augment
-from data.transforms import TrainSampleTransform, seeded
+import focalnet.data.transforms  # noqa: F401  (timm's posterize with Pillow < 13 semantics, as the pipeline uses)
+from focalnet.data.imagegen import natural_image
+from focalnet.data.randaugment import ARRAY_OPS, fast_rand_augment
+from focalnet.data.transforms import TrainSampleTransform, seeded
 
 RECIPE = "rand-m9-mstd0.5-inc1"
 
@@ -111,13 +111,13 @@ def test_aug_keys_hflip_scale_ratio_and_center_crop_training():
         with seeded(seed):
             outs.append(tf(img.copy()))
     assert all(torch.equal(outs[0], o) for o in outs) and outs[0].shape == (3, 32, 32)
-    ref = data.transforms.EvalSampleTransform(32, True, "bicubic")(img.copy())
+    ref = focalnet.data.transforms.EvalSampleTransform(32, True, "bicubic")(img.copy())
     assert torch.equal(outs[0], ref)
 
 
 def test_torchvision_jpeg_decode_equals_pil_and_bad_files_are_bad(tmp_path):
-    from data.imagegen import write_bad_image, write_image_folder
-    from data.transforms import BadImage, _decode_jpeg_rgb, open_image
+    from focalnet.data.imagegen import write_bad_image, write_image_folder
+    from focalnet.data.transforms import BadImage, _decode_jpeg_rgb, open_image
 
     for path in write_image_folder(str(tmp_path / "ok"), 2, 3, size=(120, 90)):
         pil = np.asarray(Image.open(path).convert("RGB"))

@@ -19,7 +19,7 @@ import torch
 from conftest import PYTHON, ROOT, compose_config, train_env
 from PIL import Image
 
-from data.digits import DataConfigError, materialize, read_meta, split_indices
+from focalnet.data.digits import DataConfigError, materialize, read_meta, split_indices
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import plot_metrics  # noqa: E402
@@ -69,7 +69,7 @@ def test_digits_cache_mismatch_and_foreign_directory_fail_clearly(digits_root, t
 @pytest.mark.slow
 def test_concurrent_creation_is_atomic(tmp_path):
     """Four processes race to create the same cache: one copy lands, all succeed, no temporary left."""
-    code = ("import sys; from data.digits import materialize; "
+    code = ("import sys; from focalnet.data.digits import materialize; "
             "print(materialize(sys.argv[1], store_size=16))")
     root = tmp_path / "digits"
     procs = [subprocess.Popen([PYTHON, "-c", code, str(root)], cwd=ROOT, env=train_env(), stdout=subprocess.PIPE,
@@ -82,7 +82,7 @@ def test_concurrent_creation_is_atomic(tmp_path):
 
 
 def test_digits_through_the_folder_pipeline_without_flip(digits_root):
-    import data
+    from focalnet import data
 
     cfg = compose_config(["experiment=demo", f"data.root={digits_root}", "data.store_size=16", "data.num_workers=0",
                           "data.batch_size=32"])

@@ -259,7 +259,7 @@ def test_init_from_loads_weights_only(compose_cfg, tmp_path):
 
 def test_skipped_images_from_the_loader_are_logged(compose_cfg, tmp_path):
     """The folder pipeline skips and counts undecodable files; the engine sums the count over ranks and logs it."""
-    from data.imagegen import write_bad_image, write_image_folder
+    from focalnet.data.imagegen import write_bad_image, write_image_folder
 
     root = tmp_path / "images"
     write_image_folder(str(root / "train"), 2, 4, size=(48, 40))

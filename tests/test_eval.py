@@ -27,7 +27,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import focalnet
-from data.eval_sets import imagenet1k_wnids, subset_classes
+from focalnet.data.eval_sets import imagenet1k_wnids, subset_classes
 from focalnet.engine import ConfigError, evaluate, train
 from focalnet.engine.distributed import register_resolvers
 from focalnet.models.checkpoint import CheckpointError, convert_official_to_timm
@@ -117,7 +117,7 @@ def test_22k_head_on_1k_slices_logits_and_reports_class_850(tmp_path):
     m1k = focalnet.create_model("focalnet_micro", num_classes=1000)
     sd = m22.state_dict()
     m1k.load_state_dict({k: (v[:1000] if k.startswith("head.") else v) for k, v in sd.items()})
-    from data import build_loaders
+    from focalnet.data import build_loaders
     loaders = build_loaders(compose_eval(data, tmp_path / "x").data, None)
     logits, y = _logits(m1k, loaders.val)
     assert r["top1"] == pytest.approx(100.0 * (logits.argmax(1) == y).double().mean().item())
@@ -231,7 +231,7 @@ def test_imagenet_real_scores_with_label_sets(in1k_model, tmp_path):
 
 
 def test_timm_ships_the_real_labels(in1k_model):
-    from data.eval_sets import load_real_labels
+    from focalnet.data.eval_sets import load_real_labels
 
     labels = load_real_labels()
     assert len(labels) == 50000 and sum(1 for x in labels if not x) == 3163

@@ -107,8 +107,8 @@ def _sweep_points(overrides: list[str]) -> list[list[str]]:
 
 def compose_and_validate(config_name: str, overrides: list[str], tmp_path: Path) -> None:
     """Compose like the CLI would (Hydra's own groups included), then resolve and validate the job config."""
-    import data  # noqa: F401  (config resolvers)
-    from data.folder import DataConfigError
+    import focalnet.data  # noqa: F401  (config resolvers)
+    from focalnet.data.folder import DataConfigError
     from focalnet.engine import ConfigError, validate_config
     from focalnet.engine.distributed import register_resolvers
 

@@ -164,7 +164,7 @@ def register_resolvers() -> None:
     """Register ``${run_id:}``, ``${rank_suffix:}`` and data's ``${folder_num_classes:}`` (idempotent)."""
     from omegaconf import OmegaConf
 
-    import data  # noqa: F401  (importing the package registers ${folder_num_classes:} for data=folder)
+    import focalnet.data  # noqa: F401  (importing the package registers ${folder_num_classes:} for data=folder)
 
     # use_cache: the value resolved by the submitting process travels with the pickled config (and Hydra's
     # copy_cache) into every submitit job and requeue, so they all land in the same sweep/run directory.

@@ -41,7 +41,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 import focalnet
-from data.eval_sets import EVAL_SETS, EvalSet, build_eval_set
+from focalnet.data.eval_sets import EVAL_SETS, EvalSet, build_eval_set
 from focalnet.engine import distributed as D
 from focalnet.engine.amp import AmpStep
 from focalnet.engine.build import build_model

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-import data as data_lib
+from focalnet import data as data_lib
 from focalnet.engine import distributed as D
 from focalnet.engine.amp import AmpStep
 from focalnet.engine.build import (
