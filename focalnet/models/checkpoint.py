@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from focalnet.models.focalnet import FocalNetBlock
+
 __all__ = [
     "CheckpointError",
     "LoadReport",
@@ -206,8 +208,6 @@ def _head_param_names(model: nn.Module) -> list[str]:
 def _adopt_legacy_modulation_ln(model: nn.Module) -> int:
     """Switch blocks to the architecture the old ``modulation.ln`` checkpoints were trained with:
     pre-LN blocks with a LayerNorm inside the modulation (issue #23). Returns the number of blocks changed."""
-    from focalnet.models.focalnet import FocalNetBlock
-
     n = 0
     for blk in model.modules():
         if isinstance(blk, FocalNetBlock) and not blk.modulation.use_postln_in_modulation:
