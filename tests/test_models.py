@@ -310,10 +310,10 @@ def test_no_graph_breaks_under_dynamo():
 
 
 def test_onednn_linear_matches_f_linear_with_grads(monkeypatch):
-    import focalnet.models.focalnet as fm
-    from focalnet.models.focalnet import linear
+    import focalnet.ops.cpu as cpu
+    from focalnet.ops.cpu import linear
 
-    monkeypatch.setattr(fm, "_ONEDNN_MIN_MACS", 0)  # the oneDNN path even for these small shapes
+    monkeypatch.setattr(cpu, "_ONEDNN_MIN_MACS", 0)  # the oneDNN path even for these small shapes
     torch.manual_seed(0)
     for shape, (n_out, n_in) in (((2, 5, 7, 24), (40, 24)), ((2, 5, 7, 40), (24, 40))):
         x = torch.randn(shape, requires_grad=True)
@@ -333,13 +333,15 @@ def test_onednn_linear_matches_f_linear_with_grads(monkeypatch):
                 torch.testing.assert_close(linear(x, w, b, gelu=gelu), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("onednn_min_macs", [0, 1 << 40])  # every matmul on oneDNN / on BLAS
-def test_gradients_equal_to_timm(monkeypatch, onednn_min_macs):
-    import focalnet.models.focalnet as fm
+@pytest.mark.parametrize("cpu_kernels, onednn_min_macs", [(True, 0), (True, 1 << 40), (False, 0)],
+                         ids=["onednn", "blas", "plain"])  # every matmul on oneDNN / on BLAS / no CPU kernels
+def test_gradients_equal_to_timm(monkeypatch, cpu_kernels, onednn_min_macs):
+    import focalnet.ops.cpu as cpu
 
-    monkeypatch.setattr(fm, "_ONEDNN_MIN_MACS", onednn_min_macs)
+    monkeypatch.setattr(cpu, "_ONEDNN_MIN_MACS", onednn_min_macs)
     torch.manual_seed(0)
-    ours = create_model("focalnet_micro", num_classes=10, drop_path_rate=0.0, use_layerscale=True)
+    ours = create_model("focalnet_micro", num_classes=10, drop_path_rate=0.0, use_layerscale=True,
+                        cpu_kernels=cpu_kernels)
     _randomize(ours)
     theirs = _timm_equivalent(ours)
     theirs.load_state_dict(convert_official_to_timm(ours.state_dict(), use_postln=False))
@@ -352,13 +354,14 @@ def test_gradients_equal_to_timm(monkeypatch, onednn_min_macs):
 
 
 def test_chunked_recompute_mlp_matches_autograd(monkeypatch):
-    import focalnet.models.focalnet as fm
+    import focalnet.ops.cpu as cpu
+    from focalnet.models.focalnet import Mlp
 
-    monkeypatch.setattr(fm, "_RECOMPUTE_MLP_BYTES", 0)  # force the chunked path on a small input
-    monkeypatch.setattr(fm, "_CHUNK_BYTES", 4 << 20)
+    monkeypatch.setattr(cpu, "_RECOMPUTE_MLP_BYTES", 0)  # force the chunked path on a small input
+    monkeypatch.setattr(cpu, "_CHUNK_BYTES", 4 << 20)
     torch.manual_seed(0)
-    mlp = fm.Mlp(64, 4096)  # 4096 hidden -> 256-token chunks, so 2*16*20 = 640 tokens take 3 chunks
-    assert len(fm._token_chunks(640, 4096)) == 3
+    mlp = cpu.use_cpu_kernels(Mlp(64, 4096))  # 4096 hidden -> 256-token chunks: 2*16*20 = 640 tokens, 3 chunks
+    assert len(cpu._token_chunks(640, 4096)) == 3
     x = torch.randn(2, 16, 20, 64, requires_grad=True)
     out = mlp(x)
     assert out.grad_fn.name().endswith("_OneDNNMlpFnBackward")
@@ -369,3 +372,32 @@ def test_chunked_recompute_mlp_matches_autograd(monkeypatch):
     params = (x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
     for got, exp in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_kernels_are_a_switch_over_the_same_model():
+    """``cpu_kernels`` changes the classes, never the parameters; drop path draws the same masks (timm's
+    DropPath semantics); outputs and gradients agree to fp32 rounding, in training and in evaluation."""
+    from focalnet.ops import cpu
+
+    torch.manual_seed(0)
+    plain = create_model("focalnet_micro", num_classes=10, drop_path_rate=0.3, use_layerscale=True, cpu_kernels=False)
+    _randomize(plain)
+    fast = cpu.use_cpu_kernels(create_model("focalnet_micro", num_classes=10, drop_path_rate=0.3,
+                                            use_layerscale=True, cpu_kernels=False))
+    fast.load_state_dict(plain.state_dict())
+    assert type(fast.layers[0].blocks[0]) is cpu.FocalNetBlock and type(plain.layers[0].blocks[0]).__module__ == (
+        "focalnet.models.focalnet")
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([1, 7, 3, 0])
+    for train in (True, False):
+        outs = []
+        for m in (plain, fast):
+            m.train(train)
+            m.zero_grad()
+            torch.manual_seed(1)
+            out = m(x)
+            nn.functional.cross_entropy(out, y).backward()
+            outs.append((out, {n: p.grad for n, p in m.named_parameters()}))
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+        for name, grad in outs[0][1].items():
+            torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)

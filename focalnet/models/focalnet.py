@@ -6,166 +6,24 @@ The module tree and parameter names/shapes follow microsoft/FocalNet ``classific
 ``strict=True`` and our checkpoints load into the official code. The official variants are registered in
 :mod:`focalnet.models.zoo`.
 
-Internal layout (why it is fast on CPU): activations live as (B, H, W, C) contiguous tensors for the whole
-network. Linear layers and LayerNorm work on the last dim directly, and the depthwise focal convolutions see
-the same memory as an NCHW tensor in ``channels_last`` format (``x.permute(0, 3, 1, 2)`` is a free view),
-which oneDNN convolves ~2.5x faster than NCHW and without the permute+contiguous copies the official code
-makes around every modulation (and timm's NCHW LayerNorm2d makes around every norm).
-
-Linear layers (official ``nn.Linear`` parameters) run through ``linear()`` below: on CPU fp32 it uses oneDNN's
-matmul (``torch.ops.mkldnn._linear_pointwise``, the kernel Inductor emits), which is ~2x faster than the
-BLAS ``addmm`` behind ``F.linear`` on current PyTorch CPU builds (for matmuls above ~4M MACs), and fuses the
-MLP's GELU at inference. Results equal ``F.linear`` to fp32 rounding; anything else (CUDA, autocast, other
-dtypes, torch.compile, meta tensors) takes plain ``F.linear``. When the MLP's hidden activation would exceed
-32 MB (stage 1-2 at batch 16+), training runs it chunk by chunk and recomputes it in backward
-(``_OneDNNMlpFn``): no page-faulting fresh buffers and ~25% less activation memory.
+Layout: activations live as (B, H, W, C) contiguous tensors for the whole network, as in the official code
+around its linear layers. Linear layers and LayerNorm work on the last dim directly, and the depthwise focal
+convolutions read the same memory as an NCHW tensor in ``channels_last`` format (``x.permute(0, 3, 1, 2)`` is a
+free view), which oneDNN convolves ~2.5x faster than NCHW and without the permute+contiguous copies the
+official code makes around every modulation (and timm's NCHW LayerNorm2d makes around every norm).
+CPU-specific kernels live in :mod:`focalnet.ops.cpu`, swapped in by ``create_model``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch.utils.checkpoint import checkpoint
-from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["FocalModulation", "FocalNetBlock", "BasicLayer", "PatchEmbed", "FocalNet", "Mlp", "linear"]
-
-
-# ---- oneDNN linear ------------------------------------------------------------------------------------------
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-# Below this many multiply-accumulates per matmul the BLAS call wins (oneDNN's per-call setup dominates).
-_ONEDNN_MIN_MACS = 1 << 22
-
-
-def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        _ONEDNN
-        and x.numel() * weight.shape[0] >= _ONEDNN_MIN_MACS
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    )
-
-
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "none"):
-    # x (..., K) @ weight (N, K)^T + bias, optionally followed by an exact (erf) GELU in the same kernel.
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], "none" if act == "gelu" else "")
-
-
-class _OneDNNLinearFn(torch.autograd.Function):
-    """Linear whose forward and both gradients are oneDNN matmuls (the weight gradient reads transposed views)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn_linear(grad, weight.t(), None)  # (..., N) @ (N, K); the weight view is not copied
-        if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(grad, x)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b
-
-
-def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(N, K) = grad(M, N)^T @ x(M, K) over all tokens M, as a oneDNN matmul."""
-    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-    # oneDNN copies a transposed *input* to contiguous (the weight operand may stay a view), so make the
-    # narrower of the two (M, .) operands the input.
-    if g2.shape[1] <= x2.shape[1]:
-        return _onednn_linear(g2.t(), x2.t(), None)  # (N, M) @ (M, K)
-    return _onednn_linear(x2.t(), g2.t(), None).t().contiguous()  # ((K, M) @ (M, N))^T
-
-
-class _OneDNNMlpFn(torch.autograd.Function):
-    """``fc2(GELU(fc1(x)))`` over chunks of tokens, keeping no (tokens x 4C) hidden activation alive.
-
-    Forward runs fc1 with GELU fused in the oneDNN matmul and fc2 chunk by chunk, so the hidden chunk stays in
-    cache and no large fresh buffer is allocated (each fresh multi-MB CPU buffer costs page faults). Backward
-    recomputes the hidden chunk (one extra fc1 matmul) and applies GELU's derivative in place. Only ``x`` is
-    saved, so the MLP keeps 1/4 of the activation memory autograd would.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
-        ctx.save_for_backward(x, w1, b1, w2)
-        ctx.has_b2 = b2 is not None
-        x2 = x.reshape(-1, x.shape[-1])  # (M, C)
-        out = x2.new_empty(x2.shape[0], w2.shape[0])  # (M, C_out)
-        for rows in _token_chunks(x2.shape[0], w1.shape[0]):
-            out[rows] = _onednn_linear(_onednn_linear(x2[rows], w1, b1, "gelu"), w2, b2)
-        return out.view(*x.shape[:-1], w2.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w1, b1, w2 = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (M, C), (M, C_out)
-        grad_x = torch.empty_like(x2) if need[0] else None
-        grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
-        grad_b1 = torch.zeros_like(b1) if b1 is not None else None
-        w1_t, w2_t = w1.t(), w2.t()
-        for rows in _token_chunks(x2.shape[0], w1.shape[0]):
-            xc, gc = x2[rows], g2[rows]
-            h = _onednn_linear(xc, w1, b1)  # recomputed pre-activation (m, 4C)
-            grad_w2 += _weight_grad(gc, F.gelu(h))
-            grad_h = _onednn_linear(gc, w2_t, None)  # gradient w.r.t. GELU's output ...
-            torch.ops.aten.gelu_backward.grad_input(grad_h, h, grad_input=grad_h)  # ... now w.r.t. h
-            grad_w1 += _weight_grad(grad_h, xc)
-            if grad_b1 is not None:
-                grad_b1 += grad_h.sum(0)
-            if grad_x is not None:
-                grad_x[rows] = _onednn_linear(grad_h, w1_t, None)
-        grad_b2 = g2.sum(0) if ctx.has_b2 and need[4] else None
-        grad_x = grad_x.view(x.shape) if grad_x is not None else None
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
-
-
-_RECOMPUTE_MLP_BYTES = 32 << 20
-
-
-_CHUNK_BYTES = 16 << 20
-
-
-def _token_chunks(n_tokens: int, hidden: int) -> list[slice]:
-    """Row slices whose (rows x hidden) fp32 block is about ``_CHUNK_BYTES``: small enough for the allocator to
-    recycle (below the mmap threshold), large enough to keep the number of parallel regions low."""
-    step = max(256, _CHUNK_BYTES // (4 * hidden))
-    return [slice(i, min(i + step, n_tokens)) for i in range(0, n_tokens, step)]
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False):
-    """``F.linear`` (+ exact GELU when ``gelu``), on oneDNN where that is faster and numerically the same."""
-    if _onednn_ok(x, weight):
-        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            return _onednn_linear(x, weight, bias, "gelu" if gelu else "none")
-        out = _OneDNNLinearFn.apply(x, weight, bias)
-    else:
-        out = F.linear(x, weight, bias)
-    return F.gelu(out) if gelu else out
-
-
-if _ONEDNN:
-    # So FlopCounterMode (and our tests/benchmarks) count the oneDNN matmuls like aten.mm.
-    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
-    def _linear_pointwise_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+__all__ = ["FocalModulation", "FocalNetBlock", "BasicLayer", "PatchEmbed", "FocalNet", "Mlp"]
 
 
 class Mlp(nn.Module):
@@ -178,20 +36,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc1, fc2 = self.fc1, self.fc2
-        # Large hidden activations (beyond glibc's 32 MB mmap threshold every one is a fresh, page-faulting
-        # buffer) are cheaper to recompute chunk by chunk than to keep; small ones are kept as autograd would.
-        hidden_bytes = x.numel() // x.shape[-1] * fc1.out_features * x.element_size()
-        if (
-            self.drop.p == 0.0
-            and hidden_bytes > _RECOMPUTE_MLP_BYTES
-            and torch.is_grad_enabled()
-            and _onednn_ok(x, fc1.weight)
-        ):
-            return _OneDNNMlpFn.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-        x = self.drop(linear(x, fc1.weight, fc1.bias, gelu=True))
-        return self.drop(linear(x, fc2.weight, fc2.bias))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.fc2(x))
 
 
 class FocalModulation(nn.Module):
@@ -250,29 +97,25 @@ class FocalModulation(nn.Module):
             x = x.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C) view
         C, L = self.dim, self.focal_level
 
-        # (B, H, W, 2C+L+1): one GEMM; q/ctx/gates are views of it.
-        x = linear(x, self.f.weight, self.f.bias)
-        q, ctx, gates = torch.split(x, (C, C, L + 1), dim=-1)
+        x = self.f(x)  # (B, H, W, 2C + L + 1)
+        q, ctx, gates = torch.split(x, (C, C, L + 1), dim=-1)  # (B, H, W, C), (B, H, W, C), (B, H, W, L + 1)
 
-        # Hierarchical context: each level convolves the previous level's output. The depthwise convs run on
-        # the channels_last NCHW view of (B, H, W, C) memory and return channels_last, so no copies.
-        ctx_all = None
+        # Hierarchical context: each level convolves the previous level's output (depthwise conv + GELU, on the
+        # channels_last NCHW view of the (B, H, W, C) memory), and the levels are summed under their gates.
+        ctx_all = 0
         for level, focal_layer in enumerate(self.focal_layers):
             ctx = focal_layer(ctx.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, C)
-            gate = gates[..., level : level + 1]  # (B, H, W, 1)
-            # ctx_all is our own temporary that no backward formula saves, so accumulating in place is safe.
-            ctx_all = ctx * gate if ctx_all is None else ctx_all.addcmul_(ctx, gate)
-        ctx_global = self.act(ctx.mean((1, 2), keepdim=True))  # (B, 1, 1, C)
-        ctx_all = ctx_all.addcmul_(ctx_global, gates[..., L:])
+            ctx_all = ctx_all + ctx * gates[..., level : level + 1]
+        ctx_global = self.act(ctx.mean((1, 2), keepdim=True))  # (B, 1, 1, C): the last level, pooled
+        ctx_all = ctx_all + ctx_global * gates[..., L:]
         if self.normalize_modulator:
             ctx_all = ctx_all / (L + 1)
 
-        # h is a 1x1 conv in the official weights; on (B, H, W, C) it is a linear map with the (C, C) matrix.
-        modulator = linear(ctx_all, self.h.weight.view(C, C), self.h.bias)  # (B, H, W, C)
+        modulator = self.h(ctx_all.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # 1x1 conv: (B, H, W, C)
         out = q * modulator
         if self.use_postln_in_modulation:
             out = self.ln(out)
-        out = self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
+        out = self.proj_drop(self.proj(out))
 
         if self.store_maps:
             self.gates = gates.detach().permute(0, 3, 1, 2)
@@ -290,19 +133,9 @@ class FocalModulation(nn.Module):
         )
 
 
-def _residual(shortcut: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None, drop_path: nn.Module):
-    """``shortcut + drop_path(gamma * y)`` as one fused op (addcmul) where possible."""
-    drop_prob = getattr(drop_path, "drop_prob", 0.0)
-    if drop_path.training and drop_prob > 0.0:
-        # Per-sample stochastic depth (timm DropPath semantics) folded into the layerscale multiplier.
-        keep = 1.0 - drop_prob
-        scale = y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1)).bernoulli_(keep).div_(keep)  # (B,1,1,1)
-        if gamma is not None:
-            scale = scale * gamma  # (B, 1, 1, C)
-        return torch.addcmul(shortcut, y, scale)
-    if gamma is not None:
-        return torch.addcmul(shortcut, y, gamma)
-    return shortcut + y
+def _layerscale(gamma: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """``gamma * y``; without layerscale (``gamma`` None) ``y`` itself (the official code multiplies by 1.0)."""
+    return y if gamma is None else gamma * y
 
 
 class FocalNetBlock(nn.Module):
@@ -345,12 +178,12 @@ class FocalNetBlock(nn.Module):
             self.gamma_1 = self.gamma_2 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)
-        if self.use_postln:
-            x = _residual(x, self.norm1(self.modulation(x)), self.gamma_1, self.drop_path)
-            x = _residual(x, self.norm2(self.mlp(x)), self.gamma_2, self.drop_path)
-        else:
-            x = _residual(x, self.modulation(self.norm1(x)), self.gamma_1, self.drop_path)
-            x = _residual(x, self.mlp(self.norm2(x)), self.gamma_2, self.drop_path)
+        if self.use_postln:  # x + drop_path(gamma * norm(f(x)))
+            x = x + self.drop_path(_layerscale(self.gamma_1, self.norm1(self.modulation(x))))
+            x = x + self.drop_path(_layerscale(self.gamma_2, self.norm2(self.mlp(x))))
+        else:  # x + drop_path(gamma * f(norm(x)))
+            x = x + self.drop_path(_layerscale(self.gamma_1, self.modulation(self.norm1(x))))
+            x = x + self.drop_path(_layerscale(self.gamma_2, self.mlp(self.norm2(x))))
         return x
 
 
@@ -579,7 +412,7 @@ class FocalNet(nn.Module):
         x = x.mean((1, 2))  # (B, C): average over tokens
         if pre_logits:
             return x
-        return linear(x, self.head.weight, self.head.bias) if isinstance(self.head, nn.Linear) else self.head(x)
+        return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

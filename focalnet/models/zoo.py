@@ -5,6 +5,7 @@ from __future__ import annotations
 from focalnet.models.checkpoint import load_checkpoint
 from focalnet.models.focalnet import FocalNet
 from focalnet.models.registry import register_model
+from focalnet.ops.cpu import use_cpu_kernels
 
 _CONFIGS: dict[str, dict] = {
     # ImageNet-1K hierarchical models: SRF = focal level 2, LRF = focal level 3, windows 3.
@@ -55,8 +56,13 @@ for _size in ("tiny", "small", "base"):
 
 
 def _create(name: str, overrides: dict) -> FocalNet:
-    """Build a variant; ``overrides`` replace its defaults (``checkpoint_path`` loads weights after)."""
+    """Build a variant; ``overrides`` replace its defaults (``checkpoint_path`` loads weights after).
+
+    ``cpu_kernels`` (default true) swaps in the CPU fp32 kernels of :mod:`focalnet.ops.cpu`, which leave every
+    other device and dtype to the plain model code; false builds the plain model.
+    """
     checkpoint_path = overrides.pop("checkpoint_path", None)
+    cpu_kernels = overrides.pop("cpu_kernels", True)
     if overrides.pop("pretrained", False):
         raise ValueError(
             f"{name}: no weights are downloaded (the official links are dead); download a .pth yourself and "
@@ -71,6 +77,8 @@ def _create(name: str, overrides: dict) -> FocalNet:
             kwargs[key] = (kwargs[key],) * n
     model = FocalNet(**kwargs)
     model.default_cfg = dict(architecture=name)
+    if cpu_kernels:
+        use_cpu_kernels(model)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path, head="auto")
     return model
