@@ -12,9 +12,49 @@ there by pip; mapped there in a source checkout by :mod:`focalnet.layout`).
 if __name__ != "focalnet.data":  # a second copy under another name would duplicate every registry and class
     raise ImportError(f"the data pipelines are the package focalnet.data; import that, not {__name__!r}")
 
+import importlib  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
 from omegaconf import OmegaConf  # noqa: E402
 
-from focalnet.data.loaders import EpochLoader, Loaders, build_loaders, register_builder  # noqa: E402
+from focalnet.data.loaders import EpochLoader, Loaders  # noqa: E402
+
+Builder = Callable[..., Loaders]  # (data_cfg, aug_cfg, *, rank, world_size, seed) -> Loaders
+
+# data.name -> its builder, as "module:function", imported on first use (FFCV and the augmentation kernels
+# load only when a run needs them). register_builder adds others.
+_BUILDERS: dict[str, str | Builder] = {
+    "synthetic": "focalnet.data.synthetic:build",
+    "imagenet1k": "focalnet.data.folder:build_image_files",
+    "imagenet22k": "focalnet.data.folder:build_image_files",
+    "folder": "focalnet.data.folder:build_image_files",
+    "digits": "focalnet.data.digits:build_digits",
+    "imagenet1k_ffcv": "focalnet.data.ffcv_loader:build_ffcv",
+    "imagenet22k_ffcv": "focalnet.data.ffcv_loader:build_ffcv",
+    "ffcv": "focalnet.data.ffcv_loader:build_ffcv",
+    "digits_ffcv": "focalnet.data.digits:build_digits_ffcv",
+}
+
+
+def register_builder(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: make ``fn`` the builder of ``data.name=name`` (a config ``conf/data/<name>.yaml`` selects it)."""
+    def deco(fn: Builder) -> Builder:
+        _BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def build_loaders(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+    """The train and val loaders of ``data_cfg`` (see :mod:`focalnet.data.loaders` for the contract)."""
+    name = data_cfg.name
+    if name not in _BUILDERS:
+        raise ValueError(f"data.name={name!r} is not a known dataset; choose one of {sorted(_BUILDERS)}")
+    builder = _BUILDERS[name]
+    if isinstance(builder, str):
+        module, function = builder.split(":")
+        builder = getattr(importlib.import_module(module), function)
+    return builder(data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
 
 
 def _folder_num_classes(root, split="train"):

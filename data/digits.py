@@ -9,7 +9,7 @@ black ink on white paper, upscaled (bicubic) to ``data.store_size`` pixels, into
     <data.root>/digits.json                  what was written (sizes, split, counts); marks completion
 
 Training then goes through exactly the ImageNet folder pipeline (:func:`focalnet.data.folder.make_loaders`); the
-FFCV variant converts that folder with ``scripts/write_ffcv.py`` once and reads it with the ImageNet FFCV
+FFCV variant converts that folder once (:func:`write_betons`) and reads it with the ImageNet FFCV
 loader. Creation is atomic and safe when several ranks (or runs) race: each writer fills a private
 temporary directory and renames it into place; the first rename wins and the others discard their copy.
 
@@ -23,22 +23,19 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 
 from focalnet.data.folder import DataConfigError, folder_samples, make_loaders
-from focalnet.data.loaders import Loaders, register_builder
+from focalnet.data.loaders import Loaders
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SPLIT_SEED = 20_240_601          # the fixed train/val split (independent of the run's seed)
 META_FILE = "digits.json"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _expand(path) -> str:
@@ -146,7 +143,6 @@ def _materialize_from_cfg(data_cfg) -> str:
                        jpeg_quality=int(data_cfg.get("jpeg_quality", 95)))
 
 
-@register_builder("digits")
 def build_digits(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
     """The digits ImageFolder (written on first use) through the ImageNet folder pipeline."""
     _materialize_from_cfg(data_cfg)
@@ -156,8 +152,11 @@ def build_digits(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, 
 
 
 # ------------------------------------------------------------------------------------------------ FFCV
-def write_betons(folder_root: str, out_dir: str, *, max_resolution: int, jpeg_quality: int = 95) -> str:
-    """``scripts/write_ffcv.py`` on the digits folder, once: ``out_dir/{train,val}.beton`` (atomic, cached)."""
+def write_betons(data_cfg, out_dir: str) -> str:
+    """The digits folder of ``data_cfg`` (``data.root``) as ``out_dir/{train,val}.beton``, once (atomic, cached):
+    the images at their stored size, all JPEG at ``data.jpeg_quality``."""
+    from focalnet.data.ffcv_writer import write_split
+
     out_dir = _expand(out_dir)
     done = os.path.join(out_dir, "val.beton.json")
     if os.path.isfile(os.path.join(out_dir, "train.beton.json")) and os.path.isfile(done):
@@ -166,13 +165,13 @@ def write_betons(folder_root: str, out_dir: str, *, max_resolution: int, jpeg_qu
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
-        cmd = [sys.executable, os.path.join(REPO, "scripts", "write_ffcv.py"), "data=digits",
-               f"data.root={folder_root}", "--out-dir", tmp, "--max-resolution", str(max_resolution),
-               "--jpeg-quality", str(jpeg_quality), "--compress-probability", "1.0", "--num-workers", "1"]
-        log.info("converting the digits folder to FFCV: %s", " ".join(cmd))
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"scripts/write_ffcv.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        train, val, num_classes = folder_samples(data_cfg)
+        log.info("converting the digits folder %s to FFCV files in %s", data_cfg.root, out_dir)
+        for split, samples in (("train", train), ("val", val)):
+            write_split(samples, os.path.join(tmp, f"{split}.beton"), num_classes=num_classes,
+                        max_resolution=int(data_cfg.store_size), jpeg_quality=int(data_cfg.jpeg_quality),
+                        compress_probability=1.0, num_workers=1, chunk_size=100,
+                        source=f"data=digits root={data_cfg.root}")
         os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, out_dir)
@@ -185,20 +184,18 @@ def write_betons(folder_root: str, out_dir: str, *, max_resolution: int, jpeg_qu
     return out_dir
 
 
-@register_builder("digits_ffcv")
 def build_digits_ffcv(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
     """The digits as FFCV files (written from the digits folder on first use) through the FFCV loader."""
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
     from focalnet.data.ffcv_loader import build_ffcv, require_ffcv
 
     require_ffcv()
-    folder_root = _materialize_from_cfg(data_cfg)
-    beton_dir = write_betons(folder_root, data_cfg.beton_dir, max_resolution=int(data_cfg.get("store_size", 64)),
-                             jpeg_quality=int(data_cfg.get("jpeg_quality", 95)))
-    cfg = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
-    with open_dict(cfg):
-        cfg.root = beton_dir
+    folder = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
+    folder.root = _materialize_from_cfg(data_cfg)
+    beton_dir = write_betons(folder, data_cfg.beton_dir)
+    cfg = folder.copy()
+    cfg.root = beton_dir
     loaders = build_ffcv(cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
     loaders.info["root"] = beton_dir
     return loaders

@@ -33,6 +33,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any
 
+from focalnet.data import build_loaders
 from focalnet.data.folder import (
     DataConfigError,
     FolderEpochLoader,
@@ -42,7 +43,6 @@ from focalnet.data.folder import (
     list_classes,
     scan_folder,
 )
-from focalnet.data.loaders import build_loaders
 from focalnet.data.transforms import BatchFinisher, EvalSampleTransform
 
 EVAL_SETS = ("val", "real", "v2", "a", "r")

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from focalnet.data.folder import DataConfigError
-from focalnet.data.loaders import Loaders, ResumableDistributedSampler, register_builder
+from focalnet.data.loaders import Loaders, ResumableDistributedSampler
 from focalnet.data.transforms import (
     BatchFinisher,
     EvalSampleTransform,
@@ -440,9 +440,6 @@ def _beton_path(data_cfg, key: str) -> str:
     return path
 
 
-@register_builder("imagenet1k_ffcv")
-@register_builder("imagenet22k_ffcv")
-@register_builder("ffcv")
 def build_ffcv(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
     require_ffcv()
     train_path, val_path = _beton_path(data_cfg, "train_path"), _beton_path(data_cfg, "val_path")

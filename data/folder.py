@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from focalnet.data.loaders import EpochLoader, Loaders, register_builder
+from focalnet.data.loaders import EpochLoader, Loaders
 from focalnet.data.transforms import (
     BadImage,
     BatchFinisher,
@@ -254,9 +254,6 @@ def dataset_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
     return imagenet22k_samples(data_cfg) if name == "imagenet22k" else folder_samples(data_cfg)
 
 
-@register_builder("imagenet1k")
-@register_builder("folder")
-@register_builder("imagenet22k")
 def build_image_files(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
     train, val, num_classes = dataset_samples(data_cfg)
     return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)

@@ -12,21 +12,18 @@
   Mixup/CutMix is *not* applied here: the engine applies it on batches, for every pipeline alike.
 * ``stats()`` on a loader returns counters such as ``{"skipped_images": n}`` (may be empty).
 
-Builders are registered by ``data.name`` with :func:`register_builder`.
+``focalnet.data.build_loaders`` picks the builder by ``data.name``; builders use the pieces defined here.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-
-Builder = Callable[..., "Loaders"]
-_BUILDERS: dict[str, Builder] = {}
 
 
 @dataclass
@@ -35,34 +32,6 @@ class Loaders:
     val: Any
     num_classes: int
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def register_builder(name: str) -> Callable[[Builder], Builder]:
-    def deco(fn: Builder) -> Builder:
-        _BUILDERS[name] = fn
-        return fn
-
-    return deco
-
-
-def _import_builders() -> None:
-    # Import for the registration side effect; optional backends (FFCV) register lazily inside.
-    import focalnet.data.synthetic  # noqa: F401
-
-    for mod in ("focalnet.data.folder", "focalnet.data.ffcv_loader", "focalnet.data.digits"):
-        try:
-            __import__(mod)
-        except ModuleNotFoundError as e:  # the module itself is absent (not a missing dependency inside it)
-            if e.name != mod:
-                raise
-
-
-def build_loaders(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
-    _import_builders()
-    name = data_cfg.name
-    if name not in _BUILDERS:
-        raise ValueError(f"data.name={name!r} is not a known dataset; choose one of {sorted(_BUILDERS)}")
-    return _BUILDERS[name](data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

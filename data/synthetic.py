@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from focalnet.data.loaders import EpochLoader, Loaders, register_builder
+from focalnet.data.loaders import EpochLoader, Loaders
 
 
 class SyntheticImages(Dataset):
@@ -33,7 +33,6 @@ class SyntheticImages(Dataset):
         return noise + self.patterns[label], label
 
 
-@register_builder("synthetic")
 def build(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
     n_cls, size = int(data_cfg.num_classes), int(data_cfg.img_size)
     signal = float(data_cfg.get("signal", 1.0))
