@@ -2,7 +2,8 @@
 
 Modules: ``config`` (validation, derived LRs), ``distributed`` (process group, run id), ``build`` (model,
 optimizer, schedule, loss), ``amp`` (the AMP optimizer step), ``checkpointing``, ``loggers``, ``loop``
-(``train_one_epoch``, ``validate``), ``trainer`` (``train``).
+(``train_one_epoch``, ``validate``), ``trainer`` (``train``), ``evaluate`` (eval.py: accuracy, throughput),
+``metrics`` (ReaL, per-class, class-850 scores), ``throughput`` (img/s per precision and compile mode).
 """
 
 from focalnet.engine.amp import NonFiniteLossError

@@ -13,24 +13,20 @@
        ``top1_excl_850``/``top5_excl_850`` leave its images out and never predict it (its logit is masked).
     4. ``focalnet.engine.loop.validate`` — the training loop's own validation pass, exact counts summed over
        torchrun ranks — gives top-1/top-5/loss, so evaluating a checkpoint reproduces the numbers logged
-       while training it. In the same pass the evaluator keeps each batch's top-k classes for what
-       ``validate`` does not compute: ReaL scores, per-class accuracy, the class-850 exclusion.
+       while training it. The same pass keeps each sample's ranked top-k classes for what ``validate`` does not
+       compute (:mod:`focalnet.engine.metrics`): ReaL scores, per-class accuracy, the class-850 exclusion.
     5. Rank 0 prints a summary and writes ``eval.json`` (+ ``metrics.jsonl``, W&B when enabled) to the run dir.
 
 ``mode=throughput``
-    img/s at ``throughput.batch_size`` after ``warmup_iters`` batches (timed over ``iters``; the official
-    ``--throughput`` uses 50 and 30) for every precision (fp32, bf16/fp16 autocast) x eager/``torch.compile``,
-    with params and GMACs (the paper's "GFLOPs": multiply-accumulates, batch 1); printed as a table with the
-    ratio to the first row measured in the same run, and written to ``throughput.json``.
+    img/s at ``throughput.batch_size`` after ``warmup_iters`` batches (timed over ``iters``) for every precision x
+    eager/``torch.compile`` (:mod:`focalnet.engine.throughput`), written to ``throughput.json``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
-import math
 import pickle
 import time
 from collections.abc import Mapping
@@ -41,7 +37,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 import focalnet
-from focalnet.data.eval_sets import EVAL_SETS, EvalSet, build_eval_set
+from focalnet.data.eval_sets import EVAL_SETS, build_eval_set
 from focalnet.engine import distributed as D
 from focalnet.engine.amp import AmpStep
 from focalnet.engine.build import build_model
@@ -49,6 +45,8 @@ from focalnet.engine.checkpointing import load_file
 from focalnet.engine.config import ConfigError
 from focalnet.engine.loggers import RunLogger, provenance, write_run_files
 from focalnet.engine.loop import validate
+from focalnet.engine.metrics import MISSING_22K_CLASS, extra_metrics
+from focalnet.engine.throughput import PRECISIONS, format_throughput, throughput_rows
 from focalnet.engine.trainer import resolve_device
 from focalnet.models.checkpoint import (
     IN1K_CLASSES,
@@ -64,9 +62,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("accuracy", "throughput")
 WEIGHTS = ("auto", "model", "ema")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# ImageNet-1K class 850 (n04399382, teddy bear) is in the imagenet22k_ms layout but has no ImageNet-22K images.
-MISSING_22K_CLASS = 850
 
 
 def evaluate(cfg: DictConfig | Mapping) -> dict:
@@ -243,103 +238,6 @@ def _warn_on_transform_change(stored: Mapping, cfg: dict) -> None:
 # ---- accuracy -------------------------------------------------------------------------------------------
 
 
-class EvalOutputs(nn.Module):
-    """The evaluated network: model logits restricted to the eval set's classes (ImageNet-A/R), keeping each
-    batch's top-k class indices for the metrics ``validate`` does not compute."""
-
-    def __init__(self, model: nn.Module, class_indices: list[int] | None = None, keep_topk: int = 0):
-        super().__init__()
-        self.model, self.keep_topk = model, keep_topk
-        self.register_buffer("class_indices", torch.tensor(class_indices) if class_indices else None,
-                             persistent=False)
-        self.topk: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)  # (B, model classes)
-        if self.class_indices is not None:
-            logits = logits.index_select(1, self.class_indices)  # (B, eval-set classes)
-        if self.keep_topk:
-            k = min(self.keep_topk, logits.shape[1])
-            self.topk.append(logits.float().topk(k, dim=1).indices.cpu())  # (B, k), as validate ranks them
-        return logits
-
-
-class TargetTap:
-    """Iterates a loader unchanged, keeping the targets (paired in order with ``EvalOutputs.topk``)."""
-
-    def __init__(self, loader):
-        self.loader, self.targets = loader, []
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for images, targets in self.loader:
-            self.targets.append(targets.clone())
-            yield images, targets
-
-
-def _first_k_without(preds: torch.Tensor, cls: int, k: int) -> torch.Tensor:
-    """(N, m) ranked predictions -> (N, k) ranked predictions that never name ``cls`` (m > k)."""
-    keep = preds != cls
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept entries first, ranks preserved
-    return preds.gather(1, order)[:, :k]
-
-
-def extra_metrics(preds: torch.Tensor, targets: torch.Tensor, es: EvalSet, *, missing: int | None,
-                  per_class: bool, device: torch.device) -> dict:
-    """ReaL, per-class and class-850-excluded scores from this rank's (N, k) ranked predictions, summed over ranks.
-
-    Also recounts top-1 from ``preds`` so the caller can check it pairs predictions and targets correctly.
-    """
-    out: dict = {}
-    n_cls = es.num_classes
-    top1 = preds[:, 0].eq(targets)
-    top5 = preds[:, :5].eq(targets[:, None]).any(1)
-    sums = [top1.sum()]
-    if missing is not None:
-        others = targets.ne(missing)
-        p = _first_k_without(preds, missing, min(5, preds.shape[1] - 1))
-        sums += [(p[:, 0].eq(targets) & others).sum(), (p.eq(targets[:, None]).any(1) & others).sum(),
-                 others.sum(), (~others).sum()]
-    if es.real_labels is not None:
-        if len(es.real_labels) != len(targets):
-            raise RuntimeError(f"ReaL labels for {len(es.real_labels)} samples, {len(targets)} evaluated")
-        r1 = r5 = rn = 0
-        for row, labels in zip(preds.tolist(), es.real_labels, strict=True):
-            if labels:
-                rn += 1
-                r1 += row[0] in labels
-                r5 += any(p in labels for p in row[:5])
-        sums += [torch.tensor(r1), torch.tensor(r5), torch.tensor(rn)]
-    totals = D.all_reduce_sum(torch.stack([torch.as_tensor(s) for s in sums]).to(torch.float64).to(device))
-    totals = [int(v) for v in totals.tolist()]
-    out["_top1_correct"] = totals.pop(0)
-    if missing is not None:
-        c1, c5, n, n_missing = totals[:4]
-        totals = totals[4:]
-        out.update(top1_excl_850=100.0 * c1 / max(n, 1), top5_excl_850=100.0 * c5 / max(n, 1), count_excl_850=n,
-                   count_class_850=n_missing)
-    if es.real_labels is not None:
-        r1, r5, rn = totals
-        out.update(real_top1=100.0 * r1 / max(rn, 1), real_top5=100.0 * r5 / max(rn, 1), real_count=rn)
-    if per_class:
-        counts = torch.zeros(3, n_cls, dtype=torch.float64)  # images, top-1 correct, top-5 correct
-        counts[0].index_add_(0, targets, torch.ones(len(targets), dtype=torch.float64))
-        counts[1].index_add_(0, targets, top1.to(torch.float64))
-        counts[2].index_add_(0, targets, top5.to(torch.float64))
-        counts = D.all_reduce_sum(counts.to(device)).cpu()
-        names = es.class_names or [None] * n_cls
-        rows = [{"class": c, "name": names[c], "count": int(counts[0, c]),
-                 "top1": 100.0 * counts[1, c].item() / counts[0, c].item() if counts[0, c] else None,
-                 "top5": 100.0 * counts[2, c].item() / counts[0, c].item() if counts[0, c] else None}
-                for c in range(n_cls)]
-        seen = [r["top1"] for r in rows if r["top1"] is not None]
-        out["per_class_mean_top1"] = sum(seen) / max(len(seen), 1)
-        out["per_class"] = rows
-    return out
-
-
 def run_accuracy(cfg: dict) -> dict:
     info = D.init_distributed()
     t = cfg["trainer"]
@@ -361,20 +259,15 @@ def run_accuracy(cfg: dict) -> dict:
     model.to(device)
     if t["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    net = EvalOutputs(model, es.class_indices, keep_topk).to(device)
-    tap = TargetTap(es.loader)
     amp = AmpStep(t["amp"], device)
     log.info("evaluating %s on eval_set=%s (%d classes, %s images) with %s", report["model"], es.name,
              es.num_classes, es.size, report.get("load_report", ""))
     start = time.perf_counter()
-    metrics = validate(net, tap, device, amp, t["channels_last"])  # the training loop's exact validation
-    preds = torch.cat(net.topk) if net.topk else torch.zeros(0, keep_topk, dtype=torch.long)
-    targets = torch.cat(tap.targets) if tap.targets else torch.zeros(0, dtype=torch.long)
+    # The training loop's exact validation, on the eval set's classes, keeping each sample's top-k classes.
+    metrics = validate(model, es.loader, device, amp, t["channels_last"], class_indices=es.class_indices,
+                       keep_topk=keep_topk)
+    preds, targets = metrics.pop("preds"), metrics.pop("targets")
     extra = extra_metrics(preds, targets, es, missing=missing, per_class=cfg["per_class"], device=device)
-    recount = extra.pop("_top1_correct")
-    if abs(100.0 * recount / max(metrics["count"], 1) - metrics["top1"]) > 1e-9:
-        log.warning("top-1 recounted from kept predictions (%d) differs from validate's (%.4f%% of %d): tied logits?",
-                    recount, metrics["top1"], metrics["count"])
 
     results = {
         "mode": "accuracy", **metrics, **{k: v for k, v in extra.items() if k != "per_class"},
@@ -428,31 +321,6 @@ def _write_results(cfg: dict, info: D.DistInfo, device: torch.device, results: d
     logger.close()
 
 
-# ---- throughput -----------------------------------------------------------------------------------------
-
-
-def measure_throughput(model: nn.Module, *, batch_size: int, img_size: int, precision: str, compile: bool,
-                       device: torch.device, warmup_iters: int, iters: int, channels_last: bool = False) -> float:
-    """Images per second of forward passes (no grad) after warm-up; compile happens during warm-up."""
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    fn = torch.compile(model) if compile else model
-    dtype = PRECISIONS[precision]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.no_grad(), autocast:
-        for _ in range(max(warmup_iters, 1 if compile else 0)):
-            fn(x)
-        sync()
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn(x)
-        sync()
-        elapsed = time.perf_counter() - start
-    return batch_size * iters / elapsed
-
-
 def run_throughput(cfg: dict) -> dict:
     info = D.init_distributed()
     t, tp = cfg["trainer"], cfg["throughput"]
@@ -463,44 +331,15 @@ def run_throughput(cfg: dict) -> dict:
     if t["channels_last"]:
         model.to(memory_format=torch.channels_last)
     gmacs = count_macs(model, tp["img_size"], device) / 1e9 if tp["flops"] else None
-    rows = []
-    for compiled in tp["compile"]:
-        for precision in tp["precisions"]:
-            row = {"precision": precision, "compile": compiled, "img_per_s": None, "error": None}
-            try:
-                row["img_per_s"] = measure_throughput(
-                    model, batch_size=tp["batch_size"], img_size=tp["img_size"], precision=precision,
-                    compile=compiled, device=device, warmup_iters=tp["warmup_iters"], iters=tp["iters"],
-                    channels_last=t["channels_last"])
-            except Exception as e:  # e.g. fp16 kernels missing on this device, no compiler for inductor
-                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
-                log.warning("throughput %s compile=%s failed: %s", precision, compiled, row["error"])
-            rows.append(row)
-        if compiled:
-            torch._dynamo.reset()  # each compiled row starts clean; frees the compiled graphs
-    base = next((r["img_per_s"] for r in rows if r["img_per_s"]), None)
-    for r in rows:
-        r["ratio"] = r["img_per_s"] / base if r["img_per_s"] and base else None
+    rows = throughput_rows(model, batch_size=tp["batch_size"], img_size=tp["img_size"], precisions=tp["precisions"],
+                           compile=tp["compile"], device=device, warmup_iters=tp["warmup_iters"], iters=tp["iters"],
+                           channels_last=t["channels_last"])
     results = {"mode": "throughput", "model": report["model"], "model_source": report["model_source"],
                "params_m": report["num_params"] / 1e6, "gmacs": gmacs, "batch_size": tp["batch_size"],
                "img_size": tp["img_size"], "warmup_iters": tp["warmup_iters"], "iters": tp["iters"],
                "device": str(device), "channels_last": t["channels_last"], "rows": rows,
                "torch": torch.__version__}
-    _write_results(cfg, info, device, {k: v for k, v in results.items()}, "throughput.json")
+    _write_results(cfg, info, device, dict(results), "throughput.json")
     if info.is_main:
         print(format_throughput(results), flush=True)
     return results
-
-
-def format_throughput(r: dict) -> str:
-    gmacs = f"{r['gmacs']:.3f}" if r["gmacs"] is not None else "-"
-    lines = [f"{r['model']}: {r['params_m']:.2f}M params, {gmacs} GMACs (paper 'GFLOPs') at {r['img_size']}px; "
-             f"batch {r['batch_size']}, {r['warmup_iters']} warm-up + {r['iters']} timed batches on {r['device']}",
-             "",
-             "| precision | compile | img/s | vs first row |",
-             "|---|---|---:|---:|"]
-    for row in r["rows"]:
-        ips = f"{row['img_per_s']:.1f}" if row["img_per_s"] else f"failed ({row['error']})"
-        ratio = f"{row['ratio']:.2f}x" if row["ratio"] and not math.isnan(row["ratio"]) else "-"
-        lines.append(f"| {row['precision']} | {'yes' if row['compile'] else 'no'} | {ips} | {ratio} |")
-    return "\n".join(lines)

@@ -91,11 +91,19 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader, device: torch.device, amp: AmpStep, channels_last: bool = False) -> dict:
-    """Top-1/top-5 accuracy (%) and mean CE loss over the whole validation set, exact across ranks."""
+def validate(model: nn.Module, loader, device: torch.device, amp: AmpStep, channels_last: bool = False, *,
+             class_indices: list[int] | None = None, keep_topk: int = 0) -> dict:
+    """Top-1/top-5 accuracy (%) and mean CE loss over the whole validation set, exact across ranks.
+
+    ``class_indices`` restricts the logits to those columns (a test set on a subset of the classes, e.g.
+    ImageNet-A/R). ``keep_topk > 0`` also returns this rank's ranked top-k classes and targets, in loader order,
+    as ``preds`` (N, k) and ``targets`` (N,), for metrics computed elsewhere (focalnet.engine.metrics).
+    """
     was_training = model.training
     model.eval()
+    columns = torch.tensor(class_indices, device=device) if class_indices is not None else None
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
+    kept_preds, kept_targets = [], []
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -103,13 +111,20 @@ def validate(model: nn.Module, loader, device: torch.device, amp: AmpStep, chann
             images = images.contiguous(memory_format=torch.channels_last)
         with amp.autocast():
             logits = model(images)  # (B, num_classes)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        hits = logits.topk(k, dim=1).indices.eq(targets[:, None])  # (B, k)
+        logits = logits.float() if columns is None else logits.float().index_select(1, columns)
+        ranked = logits.topk(min(max(5, keep_topk), logits.shape[1]), dim=1).indices  # (B, k)
+        hits = ranked[:, :5].eq(targets[:, None])  # (B, <=5)
         totals += torch.stack([hits[:, 0].sum(), hits.sum(), F.cross_entropy(logits, targets, reduction="sum"),
                                torch.tensor(len(targets), device=device)]).to(torch.float64)
+        if keep_topk:
+            kept_preds.append(ranked[:, :keep_topk].cpu())
+            kept_targets.append(targets.cpu())
     all_reduce_sum(totals)
     model.train(was_training)
     n = max(totals[3].item(), 1.0)
-    return {"top1": 100.0 * totals[0].item() / n, "top5": 100.0 * totals[1].item() / n,
-            "loss": totals[2].item() / n, "count": int(totals[3].item())}
+    out = {"top1": 100.0 * totals[0].item() / n, "top5": 100.0 * totals[1].item() / n,
+           "loss": totals[2].item() / n, "count": int(totals[3].item())}
+    if keep_topk:
+        out["preds"] = torch.cat(kept_preds) if kept_preds else torch.zeros(0, keep_topk, dtype=torch.long)
+        out["targets"] = torch.cat(kept_targets) if kept_targets else torch.zeros(0, dtype=torch.long)
+    return out
