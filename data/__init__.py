@@ -18,8 +18,9 @@ from collections.abc import Callable  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from focalnet.data.loaders import EpochLoader, Loaders  # noqa: E402
+from focalnet.schema import DATA_SCHEMAS, AugConfig, DataConfig, parse  # noqa: E402
 
-Builder = Callable[..., Loaders]  # (data_cfg, aug_cfg, *, rank, world_size, seed) -> Loaders
+Builder = Callable[..., Loaders]  # (data: DataConfig, aug: AugConfig, *, rank, world_size, seed) -> Loaders
 
 # data.name -> its builder, as "module:function", imported on first use (FFCV and the augmentation kernels
 # load only when a run needs them). register_builder adds others.
@@ -36,25 +37,29 @@ _BUILDERS: dict[str, str | Builder] = {
 }
 
 
-def register_builder(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: make ``fn`` the builder of ``data.name=name`` (a config ``conf/data/<name>.yaml`` selects it)."""
+def register_builder(name: str, schema: type[DataConfig] = DataConfig) -> Callable[[Builder], Builder]:
+    """Decorator: make ``fn`` the builder of ``data.name=name``, whose keys ``schema`` describes (a dataclass
+    extending :class:`focalnet.schema.DataConfig`); a ``conf/data/<name>.yaml`` then selects it."""
     def deco(fn: Builder) -> Builder:
         _BUILDERS[name] = fn
+        DATA_SCHEMAS[name] = schema
         return fn
 
     return deco
 
 
 def build_loaders(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
-    """The train and val loaders of ``data_cfg`` (see :mod:`focalnet.data.loaders` for the contract)."""
-    name = data_cfg.name
-    if name not in _BUILDERS:
-        raise ValueError(f"data.name={name!r} is not a known dataset; choose one of {sorted(_BUILDERS)}")
-    builder = _BUILDERS[name]
+    """The train and val loaders (see :mod:`focalnet.data.loaders` for the contract).
+
+    ``data_cfg`` and ``aug_cfg`` may be mappings, DictConfigs or :mod:`focalnet.schema` instances; they are
+    checked against the schema, and keys they lack take the schema's defaults (``aug_cfg=None``: the recipe's).
+    """
+    data, aug = parse(DataConfig, data_cfg, "data"), parse(AugConfig, aug_cfg, "aug")
+    builder = _BUILDERS[data.name]
     if isinstance(builder, str):
         module, function = builder.split(":")
         builder = getattr(importlib.import_module(module), function)
-    return builder(data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
+    return builder(data, aug, rank=rank, world_size=world_size, seed=seed)
 
 
 def _folder_num_classes(root, split="train"):

@@ -25,11 +25,13 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from focalnet.data.folder import DataConfigError, folder_samples, make_loaders
 from focalnet.data.loaders import Loaders
+from focalnet.schema import AugConfig, DigitsData, DigitsFFCVData
 
 log = logging.getLogger(__name__)
 
@@ -135,26 +137,25 @@ def materialize(root, *, store_size: int = 64, val_fraction: float = 0.2, jpeg_q
     return materialize(root, store_size=store_size, val_fraction=val_fraction, jpeg_quality=jpeg_quality)
 
 
-def _materialize_from_cfg(data_cfg) -> str:
-    if not data_cfg.get("root"):
+def _materialize_from_cfg(data: DigitsData | DigitsFFCVData) -> str:
+    if not data.root:
         raise DataConfigError("data.root is not set: the directory where the digits ImageFolder is cached")
-    return materialize(data_cfg.root, store_size=int(data_cfg.get("store_size", 64)),
-                       val_fraction=float(data_cfg.get("val_fraction", 0.2)),
-                       jpeg_quality=int(data_cfg.get("jpeg_quality", 95)))
+    return materialize(data.root, store_size=data.store_size, val_fraction=data.val_fraction,
+                       jpeg_quality=data.jpeg_quality)
 
 
-def build_digits(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build_digits(data: DigitsData, aug: AugConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
     """The digits ImageFolder (written on first use) through the ImageNet folder pipeline."""
-    _materialize_from_cfg(data_cfg)
-    train, val, num_classes = folder_samples(data_cfg)
-    return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size,
-                        seed=seed, info={"root": _expand(data_cfg.root)})
+    _materialize_from_cfg(data)
+    train, val, num_classes = folder_samples(data)
+    return make_loaders(train, val, num_classes, data, aug, rank=rank, world_size=world_size,
+                        seed=seed, info={"root": _expand(data.root)})
 
 
 # ------------------------------------------------------------------------------------------------ FFCV
-def write_betons(data_cfg, out_dir: str) -> str:
-    """The digits folder of ``data_cfg`` (``data.root``) as ``out_dir/{train,val}.beton``, once (atomic, cached):
-    the images at their stored size, all JPEG at ``data.jpeg_quality``."""
+def write_betons(data: DigitsFFCVData, out_dir: str) -> str:
+    """The digits folder ``data.root`` as ``out_dir/{train,val}.beton``, once (atomic, cached): the images at
+    their stored size, all JPEG at ``data.jpeg_quality``."""
     from focalnet.data.ffcv_writer import write_split
 
     out_dir = _expand(out_dir)
@@ -165,13 +166,12 @@ def write_betons(data_cfg, out_dir: str) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
-        train, val, num_classes = folder_samples(data_cfg)
-        log.info("converting the digits folder %s to FFCV files in %s", data_cfg.root, out_dir)
+        train, val, num_classes = folder_samples(data)
+        log.info("converting the digits folder %s to FFCV files in %s", data.root, out_dir)
         for split, samples in (("train", train), ("val", val)):
             write_split(samples, os.path.join(tmp, f"{split}.beton"), num_classes=num_classes,
-                        max_resolution=int(data_cfg.store_size), jpeg_quality=int(data_cfg.jpeg_quality),
-                        compress_probability=1.0, num_workers=1, chunk_size=100,
-                        source=f"data=digits root={data_cfg.root}")
+                        max_resolution=data.store_size, jpeg_quality=data.jpeg_quality, compress_probability=1.0,
+                        num_workers=1, chunk_size=100, source=f"data=digits root={data.root}")
         os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, out_dir)
@@ -184,18 +184,13 @@ def write_betons(data_cfg, out_dir: str) -> str:
     return out_dir
 
 
-def build_digits_ffcv(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build_digits_ffcv(data: DigitsFFCVData, aug: AugConfig, *, rank: int = 0, world_size: int = 1,
+                      seed: int = 0) -> Loaders:
     """The digits as FFCV files (written from the digits folder on first use) through the FFCV loader."""
-    from omegaconf import OmegaConf
-
     from focalnet.data.ffcv_loader import build_ffcv, require_ffcv
 
     require_ffcv()
-    folder = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
-    folder.root = _materialize_from_cfg(data_cfg)
-    beton_dir = write_betons(folder, data_cfg.beton_dir)
-    cfg = folder.copy()
-    cfg.root = beton_dir
-    loaders = build_ffcv(cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
+    beton_dir = write_betons(replace(data, root=_materialize_from_cfg(data)), data.beton_dir)
+    loaders = build_ffcv(replace(data, root=beton_dir), aug, rank=rank, world_size=world_size, seed=seed)
     loaders.info["root"] = beton_dir
     return loaders

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import pkgutil
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +45,9 @@ from focalnet.data.folder import (
     scan_folder,
 )
 from focalnet.data.transforms import BatchFinisher, EvalSampleTransform
+from focalnet.schema import AugConfig, DataConfig, EvalSetName, ImageFolderData, parse
 
-EVAL_SETS = ("val", "real", "v2", "a", "r")
+EVAL_SETS = typing.get_args(EvalSetName)
 IN1K_CLASSES = 1000
 
 
@@ -94,19 +96,13 @@ def load_real_labels(path: str | None = None) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------------ loaders
-def _aug_value(aug_cfg, key, default):
-    value = aug_cfg.get(key, default) if aug_cfg is not None else default
-    return default if value is None else value
-
-
-def eval_loader(samples: list[Sample], data_cfg, aug_cfg, *, rank: int, world_size: int, seed: int,
+def eval_loader(samples: list[Sample], data: DataConfig, aug: AugConfig, *, rank: int, world_size: int, seed: int,
                 name: str) -> FolderEpochLoader:
     """The data pipeline's val loader (eval transform, exact sharding) over an explicit sample list."""
-    transform = EvalSampleTransform(int(data_cfg.img_size), bool(_aug_value(aug_cfg, "test_crop", True)),
-                                    str(_aug_value(aug_cfg, "interpolation", "bicubic")))
-    return FolderEpochLoader(ImageFileDataset(samples, transform, name=name), BatchFinisher(aug_cfg, train=False),
-                             batch_size=int(data_cfg.batch_size), rank=rank, world_size=world_size, seed=seed,
-                             train=False, num_workers=int(data_cfg.get("num_workers", 0)), persistent_workers=False)
+    transform = EvalSampleTransform(data.img_size, aug.test_crop, aug.interpolation)
+    return FolderEpochLoader(ImageFileDataset(samples, transform, name=name), BatchFinisher(aug, train=False),
+                             batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
+                             train=False, num_workers=data.num_workers, persistent_workers=False)
 
 
 def _require_dir(path: str | None, key: str, what: str) -> str:
@@ -118,11 +114,14 @@ def _require_dir(path: str | None, key: str, what: str) -> str:
     return path
 
 
-def _imagenet_val_split(data_cfg) -> tuple[str, list[str]]:
+def _imagenet_val_split(data: DataConfig) -> tuple[str, list[str]]:
     """(val dir, class names) of an ImageFolder dataset without listing the training images."""
-    root = _require_dir(data_cfg.get("root"), "data.root", "dataset root holding the val split")
-    val_dir = os.path.join(root, str(data_cfg.get("val_split", "val")))
-    train_dir = os.path.join(root, str(data_cfg.get("train_split", "train")))
+    if not isinstance(data, ImageFolderData):
+        raise DataConfigError(f"data={data.name} has no ImageFolder val split: use data=imagenet1k (or folder), "
+                              f"or point eval_root at the ImageNet val folder")
+    root = _require_dir(data.root, "data.root", "dataset root holding the val split")
+    val_dir = os.path.join(root, data.val_split)
+    train_dir = os.path.join(root, data.train_split)
     classes = list_classes(train_dir if os.path.isdir(train_dir) else val_dir, "data.root/data.train_split")
     return val_dir, classes
 
@@ -138,20 +137,21 @@ def build_eval_set(name: str, data_cfg, aug_cfg=None, *, root: str | None = None
     common = dict(rank=rank, world_size=world_size, seed=seed)
     if name not in EVAL_SETS:
         raise DataConfigError(f"eval_set={name!r}; choose one of {', '.join(EVAL_SETS)}")
+    data, aug = parse(DataConfig, data_cfg, "data"), parse(AugConfig, aug_cfg, "aug")
 
     if name == "val":
-        if data_cfg.name in ("imagenet1k", "folder") and not int(data_cfg.get("val_count", 0) or 0):
-            val_dir, classes = _imagenet_val_split(data_cfg)
-            check_num_classes(data_cfg, len(classes), f"the class folders of data.root ({len(classes)})")
+        if data.name in ("imagenet1k", "folder") and not data.val_count:
+            val_dir, classes = _imagenet_val_split(data)
+            check_num_classes(data, len(classes), f"the class folders of data.root ({len(classes)})")
             _, samples = scan_folder(val_dir, "data.root/data.val_split", {c: i for i, c in enumerate(classes)})
-            loader = eval_loader(samples, data_cfg, aug_cfg, name=f"{data_cfg.name}/val", **common)
-            return EvalSet("val", loader, int(data_cfg.num_classes), len(samples), class_names=classes)
+            loader = eval_loader(samples, data, aug, name=f"{data.name}/val", **common)
+            return EvalSet("val", loader, data.num_classes, len(samples), class_names=classes)
         # Any other pipeline (synthetic, FFCV, 22K map files, held-out val): exactly the training val loader.
-        loaders = build_loaders(data_cfg, aug_cfg, **common)
-        return EvalSet("val", loaders.val, int(data_cfg.num_classes), int(loaders.info.get("val_size", -1)))
+        loaders = build_loaders(data, aug, **common)
+        return EvalSet("val", loaders.val, data.num_classes, int(loaders.info.get("val_size", -1)))
 
     if name == "real":
-        val_dir = root or _imagenet_val_split(data_cfg)[0]
+        val_dir = root or _imagenet_val_split(data)[0]
         val_dir = _require_dir(val_dir, "eval_root", "ImageNet-1K val folder (<wnid>/ILSVRC2012_val_*.JPEG)")
         wnids = imagenet1k_wnids()
         _, samples = scan_folder(val_dir, "eval_root (ImageNet-1K val)", {w: i for i, w in enumerate(wnids)})
@@ -162,7 +162,7 @@ def build_eval_set(name: str, data_cfg, aug_cfg=None, *, root: str | None = None
         if unknown:
             raise DataConfigError(f"eval_set=real: {len(unknown)} images are not ImageNet val files with ReaL labels "
                                   f"(expected ILSVRC2012_val_NNNNNNNN.JPEG), e.g. {unknown[:3]}")
-        loader = eval_loader(samples, data_cfg, aug_cfg, name="imagenet_real", **common)
+        loader = eval_loader(samples, data, aug, name="imagenet_real", **common)
         mine = [by_file[stems[i]] for i in _rank_order(loader)]
         notes = [f"ReaL labels from {real_labels or 'timm/data/_info/imagenet_real_labels.json'}; images with an "
                  f"empty ReaL label set are left out of real_top1/real_top5"]
@@ -181,14 +181,14 @@ def build_eval_set(name: str, data_cfg, aug_cfg=None, *, root: str | None = None
         else:
             mapping = {w: i for i, w in enumerate(wnids)}
         _, samples = scan_folder(v2_dir, "eval_root (ImageNetV2)", mapping)
-        loader = eval_loader(samples, data_cfg, aug_cfg, name="imagenet_v2", **common)
+        loader = eval_loader(samples, data, aug, name="imagenet_v2", **common)
         return EvalSet("v2", loader, IN1K_CLASSES, len(samples), class_names=wnids)
 
     # ImageNet-A / -R: 200-class subsets of ImageNet-1K.
     set_dir = _require_dir(root, "eval_root", f"ImageNet-{name.upper()} folder (<wnid>/ images)")
     wnids, indices = subset_classes(name)
     _, samples = scan_folder(set_dir, f"eval_root (ImageNet-{name.upper()})", {w: i for i, w in enumerate(wnids)})
-    loader = eval_loader(samples, data_cfg, aug_cfg, name=f"imagenet_{name}", **common)
+    loader = eval_loader(samples, data, aug, name=f"imagenet_{name}", **common)
     return EvalSet(name, loader, len(wnids), len(samples), class_indices=indices, class_names=wnids,
                    notes=[f"logits restricted to the {len(indices)} ImageNet-{name.upper()} classes "
                           f"(timm imagenet_{name}_indices.txt)"])

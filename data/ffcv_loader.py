@@ -45,9 +45,9 @@ from focalnet.data.transforms import (
     BatchFinisher,
     EvalSampleTransform,
     TrainSampleTransform,
-    _aug_get,
     seeded,
 )
+from focalnet.schema import AugConfig, FFCVData
 
 IMAGE_FIELD, LABEL_FIELD = "image", "label"
 
@@ -138,14 +138,13 @@ class SampleStage:
     evaluation: the official resize + center crop (or squash), then normalize. The folder path's code.
     """
 
-    def __init__(self, aug_cfg, img_size: int, train: bool):
+    def __init__(self, aug: AugConfig, img_size: int, train: bool):
         self.train = train
-        self.finisher = BatchFinisher(aug_cfg, train=train)
+        self.finisher = BatchFinisher(aug, train=train)
         if train:
-            self.tf = TrainSampleTransform(aug_cfg, img_size)
+            self.tf = TrainSampleTransform(aug, img_size)
         else:
-            self.tf = EvalSampleTransform(img_size, bool(_aug_get(aug_cfg, "test_crop", True)),
-                                          _aug_get(aug_cfg, "interpolation", "bicubic"))
+            self.tf = EvalSampleTransform(img_size, aug.test_crop, aug.interpolation)
 
     def __call__(self, arr: np.ndarray, seed: int, out: torch.Tensor, preserve: bool) -> torch.Tensor:
         if self.train:
@@ -227,7 +226,7 @@ class FFCVEpochLoader:
     """The :mod:`focalnet.data.loaders` loader contract over an FFCV ``Loader`` (train or eval)."""
 
     def __init__(self, path: str, *, train: bool, batch_size: int, rank: int, world_size: int, seed: int,
-                 num_workers: int, img_size: int, aug_cfg=None, os_cache: bool = True, batches_ahead: int = 3,
+                 num_workers: int, img_size: int, aug: AugConfig, os_cache: bool = True, batches_ahead: int = 3,
                  decode_threads: int | None = None):
         require_ffcv()
         from ffcv.loader import Loader, OrderOption
@@ -246,7 +245,7 @@ class FFCVEpochLoader:
         self.labels = labels
         self.sampler = ResumableDistributedSampler(len(self.valid), batch_size=batch_size, rank=rank,
                                                    world_size=world_size, seed=seed, shuffle=train, train=train)
-        self.stage = SampleStage(aug_cfg, int(img_size), train)
+        self.stage = SampleStage(aug, int(img_size), train)
         self.num_workers = int(num_workers)
         # Decoding is about a quarter of the per-image work (the crop, RandAugment and erasing in the pool
         # are the rest): more decode threads than that only oversubscribe the cores.
@@ -428,27 +427,23 @@ def check_shared_memory(paths: list[tuple[str, str]], batch_size: int, img_size:
             f"data.batch_size, or write the .beton with a smaller --max-resolution, or set data.num_workers=0.")
 
 
-def _beton_path(data_cfg, key: str) -> str:
-    value = data_cfg.get(key)
-    if not value:
-        raise DataConfigError(f"data.{key} is not set: the path of the .beton file (scripts/write_ffcv.py)")
-    path = os.path.expanduser(str(value))
-    if not os.path.isabs(path) and data_cfg.get("root"):
-        path = os.path.join(os.path.expanduser(str(data_cfg.root)), path)
+def _beton_path(data: FFCVData, key: str) -> str:
+    value = getattr(data, key)
+    path = os.path.expanduser(value)
+    if not os.path.isabs(path) and data.root:
+        path = os.path.join(os.path.expanduser(data.root), path)
     if not os.path.isfile(path):
         raise DataConfigError(f"data.{key}={value}: no such file {path} (write it with scripts/write_ffcv.py)")
     return path
 
 
-def build_ffcv(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build_ffcv(data: FFCVData, aug: AugConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
     require_ffcv()
-    train_path, val_path = _beton_path(data_cfg, "train_path"), _beton_path(data_cfg, "val_path")
-    num_classes = int(data_cfg.num_classes)
-    common = dict(batch_size=int(data_cfg.batch_size), rank=rank, world_size=world_size, seed=seed,
-                  num_workers=int(data_cfg.get("num_workers", 0)), img_size=int(data_cfg.img_size),
-                  aug_cfg=aug_cfg, os_cache=bool(data_cfg.get("os_cache", True)),
-                  batches_ahead=int(data_cfg.get("batches_ahead", 3)),
-                  decode_threads=data_cfg.get("decode_threads"))
+    train_path, val_path = _beton_path(data, "train_path"), _beton_path(data, "val_path")
+    num_classes = data.num_classes
+    common = dict(batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
+                  num_workers=data.num_workers, img_size=data.img_size, aug=aug, os_cache=data.os_cache,
+                  batches_ahead=data.batches_ahead, decode_threads=data.decode_threads)
     if common["num_workers"] > 0:
         check_shared_memory([(train_path, "train_path"), (val_path, "val_path")], common["batch_size"],
                             common["img_size"])

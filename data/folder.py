@@ -46,6 +46,7 @@ from focalnet.data.transforms import (
     open_image,
     seeded,
 )
+from focalnet.schema import AugConfig, ConfigError, DataConfig, ImageFolderData, parse
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,13 @@ _MAX_REPLACEMENTS = 64
 Sample = tuple[str, int]
 
 
-class DataConfigError(ValueError):
+class DataConfigError(ConfigError):
     """A data config that cannot work (missing root, empty split, class-count mismatch)."""
 
 
 # ----------------------------------------------------------------------------------------------- scanning
 def require_root(data_cfg) -> str:
-    root = data_cfg.get("root")
+    root = data_cfg.root
     if not root:
         raise DataConfigError(
             f"data.root is not set for data={data_cfg.name}: pass data.root=/path/to/dataset"
@@ -147,8 +148,8 @@ def hold_out(samples: list[Sample], count: int, key: str) -> tuple[list[Sample],
 
 
 def check_num_classes(data_cfg, found: int, where: str) -> int:
-    expected = data_cfg.get("num_classes")
-    if expected is not None and int(expected) != found:
+    expected = data_cfg.num_classes
+    if expected != found:
         raise DataConfigError(
             f"{where} has {found} classes but data.num_classes={expected} (model.num_classes defaults to it); "
             f"set data.num_classes={found} or fix data.root")
@@ -208,36 +209,34 @@ class FolderEpochLoader(EpochLoader):
         self.finisher = finisher
 
 
-def make_loaders(train_samples: list[Sample], val_samples: list[Sample], num_classes: int, data_cfg, aug_cfg,
-                 *, rank: int, world_size: int, seed: int, info: dict | None = None) -> Loaders:
-    size = int(data_cfg.img_size)
-    test_crop = bool(aug_cfg.get("test_crop", True)) if aug_cfg is not None else True
-    interp = (aug_cfg.get("interpolation", "bicubic") if aug_cfg is not None else "bicubic") or "bicubic"
-    train_ds = ImageFileDataset(train_samples, TrainSampleTransform(aug_cfg, size), name=f"{data_cfg.name}/train")
-    val_ds = ImageFileDataset(val_samples, EvalSampleTransform(size, test_crop, interp), name=f"{data_cfg.name}/val")
-    workers = int(data_cfg.get("num_workers", 0))
-    common = dict(batch_size=int(data_cfg.batch_size), rank=rank, world_size=world_size, seed=seed,
-                  num_workers=workers, persistent_workers=bool(data_cfg.get("persistent_workers", True)))
+def make_loaders(train_samples: list[Sample], val_samples: list[Sample], num_classes: int, data: ImageFolderData,
+                 aug: AugConfig, *, rank: int, world_size: int, seed: int, info: dict | None = None) -> Loaders:
+    size = data.img_size
+    train_ds = ImageFileDataset(train_samples, TrainSampleTransform(aug, size), name=f"{data.name}/train")
+    val_ds = ImageFileDataset(val_samples, EvalSampleTransform(size, aug.test_crop, aug.interpolation),
+                              name=f"{data.name}/val")
+    common = dict(batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
+                  num_workers=data.num_workers, persistent_workers=data.persistent_workers)
     return Loaders(
-        train=FolderEpochLoader(train_ds, BatchFinisher(aug_cfg, train=True), train=True, **common),
-        val=FolderEpochLoader(val_ds, BatchFinisher(aug_cfg, train=False), train=False, **common),
+        train=FolderEpochLoader(train_ds, BatchFinisher(aug, train=True), train=True, **common),
+        val=FolderEpochLoader(val_ds, BatchFinisher(aug, train=False), train=False, **common),
         num_classes=num_classes,
         info={"train_size": len(train_ds), "val_size": len(val_ds), **(info or {})},
     )
 
 
 def _split_paths(data_cfg, root: str) -> tuple[str, str]:
-    return (os.path.join(root, str(data_cfg.get("train_split", "train"))),
-            os.path.join(root, str(data_cfg.get("val_split", "val"))))
+    return os.path.join(root, data_cfg.train_split), os.path.join(root, data_cfg.val_split)
 
 
 def folder_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
     """(train, val, num_classes) of an ImageFolder dataset; ``data.val_count`` holds out a val set."""
+    data_cfg = parse(DataConfig, data_cfg, "data")
     root = require_root(data_cfg)
     train_dir, val_dir = _split_paths(data_cfg, root)
     classes, train = scan_folder(train_dir, "data.root/data.train_split")
     num_classes = check_num_classes(data_cfg, len(classes), f"data.root/data.train_split ({train_dir})")
-    val_count = int(data_cfg.get("val_count", 0) or 0)
+    val_count = data_cfg.val_count
     if val_count > 0:
         train, val = hold_out(train, val_count, "data.val_count")
     elif os.path.isdir(val_dir):
@@ -250,27 +249,30 @@ def folder_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
 
 def dataset_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
     """(train, val, num_classes) for any file-based ``data`` config (used by scripts/write_ffcv.py too)."""
-    name = str(data_cfg.name).removesuffix("_ffcv")
+    data_cfg = parse(DataConfig, data_cfg, "data")
+    name = data_cfg.name.removesuffix("_ffcv")
     return imagenet22k_samples(data_cfg) if name == "imagenet22k" else folder_samples(data_cfg)
 
 
-def build_image_files(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
-    train, val, num_classes = dataset_samples(data_cfg)
-    return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
+def build_image_files(data: ImageFolderData, aug: AugConfig, *, rank: int = 0, world_size: int = 1,
+                      seed: int = 0) -> Loaders:
+    train, val, num_classes = dataset_samples(data)
+    return make_loaders(train, val, num_classes, data, aug, rank=rank, world_size=world_size, seed=seed)
 
 
 def imagenet22k_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
     """(train, val, num_classes) for ``data=imagenet22k`` from map files or synset folders."""
+    data_cfg = parse(DataConfig, data_cfg, "data")
     root = require_root(data_cfg)
-    num_classes = int(data_cfg.num_classes)
-    image_root = os.path.join(root, str(data_cfg.get("image_dir") or ""))
+    num_classes = data_cfg.num_classes
+    image_root = os.path.join(root, data_cfg.image_dir or "")
     val: list[Sample] | None = None
-    if data_cfg.get("train_map"):
-        train = read_map_file(os.path.join(root, str(data_cfg.train_map)), image_root, "data.train_map")
-        if data_cfg.get("val_map"):
-            val = read_map_file(os.path.join(root, str(data_cfg.val_map)), image_root, "data.val_map")
+    if data_cfg.train_map:
+        train = read_map_file(os.path.join(root, data_cfg.train_map), image_root, "data.train_map")
+        if data_cfg.val_map:
+            val = read_map_file(os.path.join(root, data_cfg.val_map), image_root, "data.val_map")
     else:
-        layout = data_cfg.get("label_layout") or "sorted"
+        layout = data_cfg.label_layout
         train_dir, val_dir = _split_paths(data_cfg, root)
         if layout == "sorted":
             classes, train = scan_folder(train_dir, "data.root/data.train_split")
@@ -280,10 +282,10 @@ def imagenet22k_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
             class_to_idx = imagenet22k_class_to_idx(layout)
             check_num_classes(data_cfg, len(class_to_idx), f"data.label_layout={layout}")
             _, train = scan_folder(train_dir, "data.root/data.train_split", class_to_idx)
-        if os.path.isdir(val_dir) and not data_cfg.get("val_count"):
+        if os.path.isdir(val_dir) and not data_cfg.val_count:
             _, val = scan_folder(val_dir, "data.root/data.val_split", class_to_idx)
     if val is None:
-        count = int(data_cfg.get("val_count") or 0)
+        count = data_cfg.val_count
         if count <= 0:
             raise DataConfigError("data=imagenet22k has no validation split: set data.val_count=N to hold out "
                                   "N training images, or data.val_map / data.val_split")

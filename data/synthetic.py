@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import Dataset
 
 from focalnet.data.loaders import EpochLoader, Loaders
+from focalnet.schema import AugConfig, SyntheticData
 
 
 class SyntheticImages(Dataset):
@@ -33,16 +34,14 @@ class SyntheticImages(Dataset):
         return noise + self.patterns[label], label
 
 
-def build(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
-    n_cls, size = int(data_cfg.num_classes), int(data_cfg.img_size)
-    signal = float(data_cfg.get("signal", 1.0))
-    train_ds = SyntheticImages(int(data_cfg.train_size), n_cls, size, signal=signal)
-    val_ds = SyntheticImages(int(data_cfg.val_size), n_cls, size, offset=10_000_000, signal=signal)
-    common = dict(batch_size=int(data_cfg.batch_size), rank=rank, world_size=world_size, seed=seed,
-                  num_workers=int(data_cfg.get("num_workers", 0)))
+def build(data: SyntheticData, aug: AugConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+    train_ds = SyntheticImages(data.train_size, data.num_classes, data.img_size, signal=data.signal)
+    val_ds = SyntheticImages(data.val_size, data.num_classes, data.img_size, offset=10_000_000, signal=data.signal)
+    common = dict(batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
+                  num_workers=data.num_workers)
     return Loaders(
         train=EpochLoader(train_ds, train=True, **common),
         val=EpochLoader(val_ds, train=False, **common),
-        num_classes=n_cls,
+        num_classes=data.num_classes,
         info={"train_size": len(train_ds), "val_size": len(val_ds)},
     )

@@ -40,6 +40,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_interp_mode
 
 from focalnet.data.randaugment import fast_rand_augment, warm_up
+from focalnet.schema import AugConfig, parse
 
 
 def _posterize_any_pillow(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
@@ -160,32 +161,16 @@ def _pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
         return torch.from_numpy(arr).permute(2, 0, 1)
 
 
-def _aug_get(aug_cfg, key, default):
-    if aug_cfg is None:
-        return default
-    value = aug_cfg.get(key, default) if hasattr(aug_cfg, "get") else getattr(aug_cfg, key, default)
-    return default if value is None and default is not None else value
-
-
-def _pair(value, default):
-    return tuple(float(v) for v in value) if value is not None else default
-
-
-def timm_train_stages(aug_cfg, img_size: int):
-    """timm's (primary, secondary) train transforms for ``aug_cfg``: [RRC, flip] and [RandAugment | jitter].
+def timm_train_stages(aug: AugConfig, img_size: int):
+    """timm's (primary, secondary) train transforms for ``aug``: [RRC, flip] and [RandAugment | jitter].
 
     ``aug.hflip`` (flip probability), ``aug.scale`` and ``aug.ratio`` (RandomResizedCrop ranges) go to
     timm as its ``hflip``/``scale``/``ratio`` arguments. The final stage (to tensor, normalize, erasing) is
     ours: see :class:`BatchFinisher`.
     """
-    auto_augment = _aug_get(aug_cfg, "auto_augment", None)
     primary, secondary, _ = create_transform(
-        img_size, is_training=True, auto_augment=auto_augment or None,
-        color_jitter=float(_aug_get(aug_cfg, "color_jitter", 0.0) or 0.0) or None,
-        interpolation=_aug_get(aug_cfg, "interpolation", "bicubic"),
-        hflip=float(_aug_get(aug_cfg, "hflip", 0.5)),
-        scale=_pair(_aug_get(aug_cfg, "scale", None), (0.08, 1.0)),
-        ratio=_pair(_aug_get(aug_cfg, "ratio", None), (3 / 4, 4 / 3)),
+        img_size, is_training=True, auto_augment=aug.auto_augment or None, color_jitter=aug.color_jitter or None,
+        interpolation=aug.interpolation, hflip=aug.hflip, scale=aug.scale, ratio=aug.ratio,
         re_prob=0.0, use_prefetcher=True, separate=True)
     return primary, secondary
 
@@ -198,16 +183,16 @@ class TrainSampleTransform:
     """
 
     def __init__(self, aug_cfg, img_size: int):
-        primary, secondary = timm_train_stages(aug_cfg, img_size)
+        aug = parse(AugConfig, aug_cfg, "aug")
+        primary, secondary = timm_train_stages(aug, img_size)
         self.rrc = primary.transforms[0]          # timm RandomResizedCropAndInterpolation
         self.flips = primary.transforms[1:]       # torchvision RandomHorizontalFlip(aug.hflip), if > 0
         self.secondary = secondary                # RandAugment (PIL), or ColorJitter when aug has no AA
         self.size = tuple(self.rrc.size)          # (H, W)
         self.center = None
-        if aug_cfg is not None and "scale" in aug_cfg and aug_cfg["scale"] is None:
+        if aug.scale is None:
             self.rrc = None
-            self.center = EvalSampleTransform(img_size, bool(_aug_get(aug_cfg, "test_crop", True)),
-                                              _aug_get(aug_cfg, "interpolation", "bicubic"))
+            self.center = EvalSampleTransform(img_size, aug.test_crop, aug.interpolation)
         # timm's RandAugment alone (the recipe): run it on arrays with the same draws (data.randaugment).
         ops = secondary.transforms
         self.array_augment = None
@@ -366,11 +351,10 @@ class BatchFinisher:
                  std: Sequence[float] = IMAGENET_DEFAULT_STD):
         self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
-        reprob = float(_aug_get(aug_cfg, "reprob", 0.0)) if train else 0.0
+        aug = parse(AugConfig, aug_cfg, "aug")
         self.erase = None
-        if reprob > 0:
-            self.erase = RandomErasing(probability=reprob, mode=_aug_get(aug_cfg, "remode", "pixel"),
-                                       max_count=int(_aug_get(aug_cfg, "recount", 1)), device="cpu")
+        if train and aug.reprob > 0:
+            self.erase = RandomErasing(probability=aug.reprob, mode=aug.remode, max_count=aug.recount, device="cpu")
 
     def finish_one(self, image: torch.Tensor, seed: int | None, out: torch.Tensor | None = None,
                    preserve: bool = True) -> torch.Tensor:

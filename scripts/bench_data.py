@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from omegaconf import OmegaConf  # noqa: E402
 
 from focalnet.data import build_loaders  # noqa: E402
 from focalnet.data.imagegen import write_image_folder  # noqa: E402
+from focalnet.schema import AugConfig  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, reprob=0.25, remode="pixel", recount=1,
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         print(f"generating {per_class * args.classes} JPEGs (~500x375, q90) + val in {root} ...", flush=True)
         write_image_folder(os.path.join(root, "train"), args.classes, per_class, size=(500, 375), quality=90)
         write_image_folder(os.path.join(root, "val"), args.classes, 2, size=(500, 375), quality=90, seed=1)
-    aug = OmegaConf.merge(OmegaConf.load(os.path.join(REPO, "conf/aug/deit.yaml")), RECIPE)
+    aug = AugConfig(**RECIPE)  # aug=deit
     ffcv_dir = os.path.join(root, "ffcv")
     if not args.skip_ffcv and not os.path.isfile(os.path.join(ffcv_dir, "train.beton")):
         from scripts.write_ffcv import main as write_ffcv
@@ -121,13 +121,11 @@ def main(argv=None) -> int:
             "(a) torchvision ImageFolder + timm (official)":
                 lambda w=workers: (official_loader(root, args.img_size, args.batch_size, w), False),
             "(b) ours: data=folder":
-                lambda c=common: (build_loaders(OmegaConf.create({**c, "name": "folder", "val_count": 0,
-                                                                   "persistent_workers": True}), aug).train, True),
+                lambda c=common: (build_loaders({**c, "name": "folder"}, aug).train, True),
         }
         if not args.skip_ffcv:
-            paths["(c) ours: data=imagenet1k_ffcv"] = lambda c=common: (build_loaders(OmegaConf.create(
-                {**c, "name": "imagenet1k_ffcv", "root": ffcv_dir, "train_path": "train.beton",
-                 "val_path": "val.beton"}), aug).train, True)
+            paths["(c) ours: data=imagenet1k_ffcv"] = lambda c=common: (
+                build_loaders({**c, "name": "imagenet1k_ffcv", "root": ffcv_dir}, aug).train, True)
         # Build all three, then alternate epochs between them (load on a shared machine drifts) and keep
         # each path's best epoch: the least disturbed measurement of each.
         loaders = {name: make() for name, make in paths.items()}

@@ -16,7 +16,13 @@ Models without a timm counterpart (``focalnet_tiny_iso``) get a row with empty b
 comparison at similar FLOPs; DAT's GMACs are counted like the DAT paper (fvcore rules, see
 ``focalnet.models.dat.fvcore_flop_formulas``). Other families add a builder to ``BASELINES``.
 
+Our FocalNets are built by ``create_model``, i.e. with the CPU kernels of ``focalnet.ops.cpu``. ``--plain`` adds
+a row per model with ``cpu_kernels=False`` (the plain model code) against the same baseline; ``--compile`` adds a
+row with both models under ``torch.compile`` (Inductor; on CPU it compiles C++ with gcc, minutes per model),
+the path GPU users take.
+
     python scripts/bench_model.py                                   # focalnet_tiny_srf/lrf, batch 16, 224px
+    python scripts/bench_model.py --models focalnet_tiny_srf --plain --compile --threads 2
     python scripts/bench_model.py --models dat_tiny focalnet_tiny_lrf --batch-size 8   # DAT vs FocalNet
 """
 
@@ -31,6 +37,7 @@ import time
 from collections.abc import Callable
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's focalnet
 
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -145,9 +152,13 @@ def time_interleaved(fns: list[Callable[[], None]], iters: int, warmup: int) -> 
     return [statistics.median(t) for t in times]
 
 
-def bench_model(name: str, args) -> dict:
+def bench_model(name: str, args, variant: str = "eager") -> dict:
+    """One row: ``variant`` is ``eager`` (as create_model builds it), ``plain`` (``cpu_kernels=False``) or
+    ``compile`` (both models under ``torch.compile``)."""
     torch.manual_seed(0)
     extra = {"img_size": args.img_size} if name.startswith("dat_") else {}  # DAT is built for one input size
+    if variant == "plain":
+        extra["cpu_kernels"] = False
     ours = create_model(name, drop_path_rate=args.drop_path, **extra)
     label, base = ("-", None) if args.no_baseline else build_baseline(name, ours, args.drop_path)
     models = [m for m in (ours, base) if m is not None]
@@ -158,17 +169,21 @@ def bench_model(name: str, args) -> dict:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, ours.num_classes, (args.batch_size,))
 
-    row = dict(model=name, baseline=label, params=sum(p.numel() for p in ours.parameters()) / 1e6)
+    suffix = {"eager": "", "plain": " (cpu_kernels=False)", "compile": " (torch.compile)"}[variant]
+    row = dict(model=name + suffix, baseline=label, params=sum(p.numel() for p in ours.parameters()) / 1e6)
     row["gmacs"] = count_macs(ours, args.img_size) / 1e9
     if base is not None:
         row["gmacs_timm"] = count_macs(base, args.img_size) / 1e9
+    if variant == "compile":  # after counting MACs on the eager modules; the warm-up iterations compile
+        models = [torch.compile(m) for m in models]
 
     for m in models:
         m.eval()
-    fwd = time_interleaved([lambda m=m: fwd_step(m, x) for m in models], args.iters, args.warmup)
+    warmup = max(args.warmup, 1) if variant == "compile" else args.warmup  # compiling is not timed
+    fwd = time_interleaved([lambda m=m: fwd_step(m, x) for m in models], args.iters, warmup)
     for m in models:
         m.train()
-    train = time_interleaved([lambda m=m: train_step(m, x, y) for m in models], args.iters, args.warmup)
+    train = time_interleaved([lambda m=m: train_step(m, x, y) for m in models], args.iters, warmup)
     mem = [peak_step_memory(m, x, y) for m in models]
     bs = args.batch_size
     row["fwd"], row["train"], row["mem"] = bs / fwd[0], bs / train[0], mem[0] / 2**20
@@ -190,7 +205,7 @@ def markdown(rows: list[dict], args) -> str:
         "| memory ours/baseline |"
     )
     lines = [
-        f"batch {args.batch_size}, {args.img_size}px, fp32, eager, {torch.get_num_threads()} threads, "
+        f"batch {args.batch_size}, {args.img_size}px, fp32, {torch.get_num_threads()} threads, "
         f"median of {args.iters} interleaved iterations; ratio = ours / baseline (higher is faster; for "
         "memory lower is better)",
         "",
@@ -219,13 +234,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--drop-path", type=float, default=0.2, help="drop_path_rate for both (train step)")
     p.add_argument("--channels-last", action="store_true", help="channels_last input and model memory format")
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline columns")
+    p.add_argument("--plain", action="store_true", help="add rows for our models built with cpu_kernels=False")
+    p.add_argument("--compile", action="store_true", help="add rows with both models under torch.compile")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    variants = ["eager"] + ["plain"] * args.plain + ["compile"] * args.compile
     rows = []
     for name in args.models:
-        rows.append(bench_model(name, args))
-        print(f"done {name}", file=sys.stderr, flush=True)
+        for variant in variants:
+            rows.append(bench_model(name, args, variant))
+            torch._dynamo.reset()
+            print(f"done {name} ({variant})", file=sys.stderr, flush=True)
     print(markdown(rows, args))
 
 

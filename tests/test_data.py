@@ -14,9 +14,10 @@ from focalnet.data import build_loaders
 from focalnet.data.folder import DataConfigError
 from focalnet.data.imagegen import BAD_KINDS, DECODABLE_KINDS, write_bad_image, write_image_folder
 from focalnet.data.transforms import EvalSampleTransform, TrainSampleTransform, load_rgb, open_image, seeded
+from focalnet.schema import AugConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEIT = OmegaConf.load(os.path.join(ROOT, "conf/aug/deit.yaml"))
+DEIT = AugConfig()  # aug=deit: conf/aug/deit.yaml takes every value from AugConfig
 
 
 def data_cfg(name="folder", **kw):
@@ -147,7 +148,8 @@ def test_val_covers_every_image_once_with_the_official_eval_transform(folder):
 def test_train_crop_matches_timm_pil_crop_and_draft_keeps_quality(tmp_path):
     # Our uint8 torch resize must match timm's PIL RandomResizedCrop closely (same box, same filter).
     path = write_image_folder(str(tmp_path), 1, 1, size=(900, 700))[0]
-    tf = TrainSampleTransform(OmegaConf.create({"auto_augment": None, "interpolation": "bicubic"}), 112)
+    tf = TrainSampleTransform(OmegaConf.create({"auto_augment": None, "color_jitter": None, "interpolation": "bicubic"}),
+                              112)
     tf.flips = []
     diffs = []
     for seed in range(8):

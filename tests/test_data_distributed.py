@@ -24,8 +24,7 @@ import json, sys
 from omegaconf import OmegaConf
 from focalnet.data import build_loaders
 cfg, rank, epoch, start = OmegaConf.create(json.loads(sys.argv[1])), int(sys.argv[2]), 1, int(sys.argv[3])
-aug = OmegaConf.load("conf/aug/deit.yaml")
-loaders = build_loaders(cfg, aug, rank=rank, world_size=2, seed=123)
+loaders = build_loaders(cfg, None, rank=rank, world_size=2, seed=123)  # aug: the recipe's defaults (aug=deit)
 loaders.train.set_epoch(epoch, start)
 train = [y.tolist() for _, y in loaders.train]
 val = [y.tolist() for _, y in loaders.val]

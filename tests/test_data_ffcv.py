@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 from focalnet.data import build_loaders
 from focalnet.data.folder import DataConfigError, folder_samples
 from focalnet.data.imagegen import write_bad_image, write_image_folder
+from focalnet.schema import AugConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEIT = OmegaConf.load(os.path.join(ROOT, "conf/aug/deit.yaml"))
+DEIT = AugConfig()  # aug=deit: conf/aug/deit.yaml takes every value from AugConfig
 # FFCV issue #396: a bad op order hangs the Loader constructor, hence the timeout. Numba compiles each
 # pipeline (~5-10 s on 2 cores), so these are slow tests.
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]

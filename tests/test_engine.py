@@ -44,6 +44,13 @@ def test_default_and_tiny_configs_validate(compose_cfg):
     ("logger.wandb.mode=sometimes", "logger.wandb.mode", "auto, online, offline, disabled"),
     ("+trainer.epochz=3", "trainer.epochz", "known keys in trainer"),  # an unknown key that got in
     ("data.batch_size=7", "data.batch_size", "even"),                  # mixup needs pairs
+    ("aug.reprob=1.5", "aug.reprob", "<= 1"),                          # aug and data are typed too
+    ("aug.interpolation=lanczos", "aug.interpolation", "bicubic, bilinear, nearest, random"),
+    ("data.num_workers=-1", "data.num_workers", "integer >= 0"),
+    ("+data.shuffle=false", "data.shuffle", "known keys in data"),
+    ("optimizer.lr=nan", "optimizer.lr", "finite number > 0"),         # NaN and inf are never allowed
+    ("schedule.min_lr=inf", "schedule.min_lr", "finite number >= 0"),
+    ("+model.kwargs.layerscale_value=nan", "model.kwargs", "without NaN or inf"),
 ])
 def test_invalid_values_name_the_key_and_what_is_allowed(compose_cfg, override, key, allowed):
     extra = ["aug=deit"] if key == "data.batch_size" else []
@@ -240,8 +247,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(compose_cfg):
     good = compose_cfg("trainer.max_steps=2")
     train(good)
     good_ckpt = f"{good.paths.output_dir}/checkpoints/last.pt"
-    # Continue from that file (resume=PATH) on data that turned into NaNs: fp32 must stop, not save.
-    bad = compose_cfg("trainer.max_steps=4", f"trainer.resume={good_ckpt}", "data.signal=nan")
+    # Continue from that file (resume=PATH) on data that overflows to inf/NaN: fp32 must stop, not save.
+    bad = compose_cfg("trainer.max_steps=4", f"trainer.resume={good_ckpt}", "data.signal=1e38")
     with pytest.raises(NonFiniteLossError, match="last checkpoint"):
         train(bad)
     assert not (Path(bad.paths.output_dir) / "checkpoints" / "last.pt").exists()

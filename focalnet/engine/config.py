@@ -1,177 +1,57 @@
-"""Training-config validation (before any work) and the one place that derives values from the config.
+"""Config validation (before any work) and the one place that derives values from the config.
 
-Hydra already rejects command-line overrides of keys that do not exist (the composed config is in struct
-mode). This module also catches what Hydra cannot: unknown keys that came in through a yaml file (e.g. an
-experiment preset with a typo), wrong types and out-of-range values. Every error names the full key and
-what is allowed, e.g. ``trainer.amp='fp8' is not allowed; choose one of: bf16, fp16, none``.
-
-The ``data`` group is validated for its common keys only: each data pipeline (folder, FFCV, synthetic...)
-owns and checks its format-specific keys.
+Hydra rejects command-line overrides of keys that do not exist (the composed config is in struct mode). The
+schema (:mod:`focalnet.schema`) catches the rest: unknown keys that came in through a yaml file (e.g. a preset
+with a typo), wrong types, out-of-range values, NaN/inf; the cross-checks below catch values that cannot work
+together or point nowhere. Every error names the full key and what is allowed, one line each, e.g.
+``trainer.amp='fp8' is not allowed; it must be one of: bf16, fp16, none``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-Check = Callable[[Any], str | None]  # returns a description of what is allowed when the value is wrong
+from focalnet.schema import ConfigError, EvalConfig, TrainConfig, check
+
+__all__ = ["ConfigError", "validate_config", "validate_eval_config", "scaled_lrs"]
 
 
-class ConfigError(ValueError):
-    """A configuration problem, detected before any work starts."""
+def _resolved(cfg: DictConfig | Mapping) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def integer(lo: int | None = None) -> Check:
-    def check(v):
-        if not _is_int(v) or (lo is not None and v < lo):
-            return f"an integer >= {lo}" if lo is not None else "an integer"
-        return None
-    return check
-
-
-def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Check:
-    def check(v):
-        bad = not _is_num(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi)
-        if bad:
-            rng = [f"{'>' if lo_open else '>='} {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else ""]
-            return "a number " + " and ".join(r for r in rng if r)
-        return None
-    return check
-
-
-def choice(*values) -> Check:
-    def check(v):
-        return None if v in values else "one of: " + ", ".join(str(x) for x in values)
-    return check
-
-
-def boolean(v):
-    return None if isinstance(v, bool) else "true or false"
-
-
-def string(v):
-    return None if isinstance(v, str) and v else "a non-empty string"
-
-
-def optional(inner: Check) -> Check:
-    def check(v):
-        if v is None:
-            return None
-        msg = inner(v)
-        return f"null or {msg}" if msg else None
-    return check
-
-
-def list_of(inner: Check, length: int | None = None) -> Check:
-    def check(v):
-        if not isinstance(v, list | tuple) or (length is not None and len(v) != length) or any(inner(x) for x in v):
-            n = f"{length} " if length is not None else ""
-            return f"a list of {n}values, each {inner(object())}"
-        return None
-    return check
-
-
-def mapping(v):
-    return None if isinstance(v, Mapping) else "a mapping"
-
-
-_NONNEG = number(0)
-_PROB = number(0, 1)
-
-# Key -> check. A nested dict is a sub-group. Groups listed in OPEN_GROUPS may carry extra keys.
-SCHEMA: dict[str, Any] = {
-    "model": {
-        "name": string, "library": choice("focalnet", "timm"), "num_classes": integer(1),
-        "drop_path_rate": number(0, 1), "grad_checkpointing": boolean, "kwargs": mapping,
-    },
-    "data": {
-        "name": string, "root": optional(string), "num_classes": integer(1), "img_size": integer(1),
-        "batch_size": integer(1), "num_workers": integer(0),
-    },
-    "optimizer": {
-        "name": choice("adamw", "sgd"), "lr": number(0, lo_open=True), "weight_decay": _NONNEG,
-        "betas": list_of(number(0, 1), 2), "eps": number(0, lo_open=True), "momentum": number(0, 1),
-        "nesterov": boolean, "official_no_weight_decay": boolean,
-    },
-    "schedule": {
-        "name": choice("cosine", "step", "constant"), "warmup_epochs": _NONNEG, "warmup_lr": _NONNEG,
-        "min_lr": _NONNEG, "decay_epochs": number(0, lo_open=True), "decay_rate": number(0, lo_open=True),
-    },
-    "aug": {
-        "auto_augment": optional(string), "color_jitter": optional(_NONNEG), "reprob": _PROB,
-        "remode": choice("pixel", "const", "rand"), "recount": integer(1),
-        "interpolation": choice("bicubic", "bilinear", "nearest", "random"), "hflip": _PROB,
-        "scale": optional(list_of(number(0, 1, lo_open=True), 2)), "ratio": list_of(number(0, lo_open=True), 2),
-        "mixup": _NONNEG, "cutmix": _NONNEG, "cutmix_minmax": optional(list_of(_PROB, 2)),
-        "mixup_prob": _PROB, "mixup_switch_prob": _PROB, "mixup_mode": choice("batch", "pair", "elem"),
-        "label_smoothing": number(0, 1), "test_crop": boolean,
-    },
-    "trainer": {
-        "epochs": integer(0), "max_steps": optional(integer(1)), "amp": choice("bf16", "fp16", "none"),
-        "accum_steps": integer(1), "clip_grad": optional(number(0, lo_open=True)),
-        "ema_decay": optional(number(0, 1, lo_open=True)), "compile": boolean, "channels_last": boolean,
-        "grad_checkpointing": boolean, "resume": optional(string), "init_from": optional(string),
-        "init_head": choice("auto", "keep", "reinit", "slice_22k_to_1k"), "ckpt_every_steps": optional(integer(1)),
-        "save_epoch_ckpts": boolean, "eval_every": integer(0), "log_every": integer(1),
-        "device": choice("auto", "cpu", "cuda"), "seed": integer(0),
-    },
-    "logger": {
-        "wandb": {
-            "mode": choice("auto", "online", "offline", "disabled"), "project": string,
-            "entity": optional(string), "name": optional(string), "tags": list_of(string),
-        },
-    },
-    "paths": {"output_root": string, "output_dir": string},
-}
-OPEN_GROUPS = {"data"}
-OPTIONAL_KEYS = {"optimizer.nesterov"}
-
-
-def _walk(schema: Mapping, cfg: Mapping, prefix: str, errors: list[str]) -> None:
-    open_group = prefix.rstrip(".") in OPEN_GROUPS
-    for key in cfg:
-        if key not in schema and not open_group:
-            known = ", ".join(sorted(schema))
-            errors.append(f"unknown key {prefix}{key}; known keys in {prefix.rstrip('.') or 'the root'}: {known}")
-    for key, check in schema.items():
-        full = prefix + key
-        if key not in cfg:
-            if full not in OPTIONAL_KEYS:
-                errors.append(f"missing key {full}")
-            continue
-        value = cfg[key]
-        if isinstance(check, Mapping):
-            if not isinstance(value, Mapping):
-                errors.append(f"{full} must be a group (mapping), got {value!r}")
-            else:
-                _walk(check, value, full + ".", errors)
-            continue
-        allowed = check(value)
-        if allowed:
-            errors.append(f"{full}={value!r} is not allowed; it must be {allowed}")
+def _raise(errors: list[str], what: str) -> None:
+    if errors:
+        raise ConfigError(f"invalid {what}:\n  " + "\n  ".join(errors))
 
 
 def validate_config(cfg: DictConfig | Mapping) -> dict:
     """Check the composed training config; return it as a resolved plain dict or raise ConfigError."""
-    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    errors: list[str] = []
-    _walk(SCHEMA, plain, "", errors)
-    if not errors:
-        errors += _cross_checks(plain)
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    plain = _resolved(cfg)
+    _raise(check(TrainConfig, plain), "config")
+    _raise(_cross_checks(plain), "config")
     return plain
+
+
+def validate_eval_config(cfg: DictConfig | Mapping) -> dict:
+    """Check eval.py's composed config; return it as a resolved plain dict or raise ConfigError."""
+    plain = _resolved(cfg)
+    _raise(check(EvalConfig, plain), "eval config")
+    _raise(_device_checks(plain["trainer"]) + _eval_cross_checks(plain), "eval config")
+    return plain
+
+
+def _device_checks(t: Mapping) -> list[str]:
+    if t["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return ["trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu"]
+    return []
 
 
 def _cross_checks(c: dict) -> list[str]:
@@ -184,15 +64,25 @@ def _cross_checks(c: dict) -> list[str]:
         errors.append(f"data.batch_size={c['data']['batch_size']} must be even when aug.mixup/aug.cutmix > 0")
     if t["epochs"] == 0 and t["max_steps"] is None:
         errors.append("trainer.epochs=0 trains nothing; set trainer.epochs >= 1 or trainer.max_steps")
-    if t["device"] == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            errors.append("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
+    errors += _device_checks(t)
     if t["resume"] not in (None, "auto") and not os.path.isfile(t["resume"]):
         errors.append(f"trainer.resume={t['resume']!r}: no such file (use auto, null or a checkpoint path)")
     if t["init_from"] is not None and not os.path.isfile(t["init_from"]):
         errors.append(f"trainer.init_from={t['init_from']!r}: no such file")
+    return errors
+
+
+def _eval_cross_checks(c: dict) -> list[str]:
+    errors = []
+    ckpt = c["checkpoint"]
+    if ckpt is not None and not Path(ckpt).is_file():
+        errors.append(f"checkpoint={ckpt!r}: no such file")
+    if c["mode"] == "accuracy" and ckpt is None:
+        errors.append("checkpoint is not set: pass checkpoint=PATH (our .pt, an official .pth or a timm state dict)")
+    if c["real_labels"] is not None and not Path(c["real_labels"]).is_file():
+        errors.append(f"real_labels={c['real_labels']!r}: no such file")
+    if c["mode"] == "throughput" and ckpt is None and c.get("model") is None:
+        errors.append("mode=throughput needs model=NAME (or checkpoint=PATH to take the model from)")
     return errors
 
 

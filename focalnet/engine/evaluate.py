@@ -34,19 +34,19 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import focalnet
-from focalnet.data.eval_sets import EVAL_SETS, build_eval_set
+from focalnet.data.eval_sets import build_eval_set
 from focalnet.engine import distributed as D
 from focalnet.engine.amp import AmpStep
 from focalnet.engine.build import build_model
 from focalnet.engine.checkpointing import load_file
-from focalnet.engine.config import ConfigError
+from focalnet.engine.config import validate_eval_config
 from focalnet.engine.loggers import RunLogger, provenance, write_run_files
 from focalnet.engine.loop import validate
 from focalnet.engine.metrics import MISSING_22K_CLASS, extra_metrics
-from focalnet.engine.throughput import PRECISIONS, format_throughput, throughput_rows
+from focalnet.engine.throughput import format_throughput, throughput_rows
 from focalnet.engine.trainer import resolve_device
 from focalnet.models.checkpoint import (
     IN1K_CLASSES,
@@ -60,59 +60,14 @@ from focalnet.models.flops import count_macs
 
 log = logging.getLogger(__name__)
 
-MODES = ("accuracy", "throughput")
-WEIGHTS = ("auto", "model", "ema")
 
 
 def evaluate(cfg: DictConfig | Mapping) -> dict:
     """Run eval.py's config (``conf/eval.yaml``); returns the results dict that is also written as JSON."""
-    plain = check_eval_config(cfg)
+    plain = validate_eval_config(cfg)
     if plain["mode"] == "throughput":
         return run_throughput(plain)
     return run_accuracy(plain)
-
-
-# ---- config ---------------------------------------------------------------------------------------------
-
-
-def check_eval_config(cfg: DictConfig | Mapping) -> dict:
-    """Resolve eval.py's config to a plain dict; every problem is reported at once, naming the key."""
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    errors = []
-
-    def one_of(key, value, allowed):
-        if value not in allowed:
-            errors.append(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
-
-    one_of("mode", c.get("mode"), MODES)
-    one_of("weights", c.get("weights"), WEIGHTS)
-    one_of("eval_set", c.get("eval_set"), EVAL_SETS)
-    one_of("trainer.amp", c["trainer"].get("amp"), ("bf16", "fp16", "none"))
-    one_of("trainer.device", c["trainer"].get("device"), ("auto", "cpu", "cuda"))
-    if c["trainer"].get("device") == "cuda" and not torch.cuda.is_available():
-        errors.append("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
-    ckpt = c.get("checkpoint")
-    if ckpt is not None and not Path(str(ckpt)).is_file():
-        errors.append(f"checkpoint={ckpt!r}: no such file")
-    if c.get("mode") == "accuracy" and ckpt is None:
-        errors.append("checkpoint is not set: pass checkpoint=PATH (our .pt, an official .pth or a timm state dict)")
-    if c.get("real_labels") is not None and not Path(str(c["real_labels"])).is_file():
-        errors.append(f"real_labels={c['real_labels']!r}: no such file")
-    if c.get("mode") == "throughput":
-        tp = c["throughput"]
-        if ckpt is None and "model" not in c:
-            errors.append("mode=throughput needs model=NAME (or checkpoint=PATH to take the model from)")
-        for p in tp["precisions"]:
-            one_of("throughput.precisions[]", p, tuple(PRECISIONS))
-        if not all(isinstance(x, bool) for x in tp["compile"]):
-            errors.append(f"throughput.compile={tp['compile']!r} must be a list of true/false")
-        for key, lo in (("batch_size", 1), ("iters", 1), ("warmup_iters", 0), ("img_size", 1)):
-            v = tp[key]
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                errors.append(f"throughput.{key}={v!r} must be an integer >= {lo}")
-    if errors:
-        raise ConfigError("invalid eval config:\n  " + "\n  ".join(errors))
-    return c
 
 
 # ---- checkpoint -> model --------------------------------------------------------------------------------
@@ -242,10 +197,8 @@ def run_accuracy(cfg: dict) -> dict:
     info = D.init_distributed()
     t = cfg["trainer"]
     device = resolve_device(t["device"], info.local_rank)
-    data_cfg, aug_cfg = OmegaConf.create(cfg["data"]), OmegaConf.create(cfg["aug"])
-    es = build_eval_set(cfg["eval_set"], data_cfg, aug_cfg, root=cfg.get("eval_root"),
-                        real_labels=cfg.get("real_labels"), rank=info.rank, world_size=info.world_size,
-                        seed=t["seed"])
+    es = build_eval_set(cfg["eval_set"], cfg["data"], cfg["aug"], root=cfg["eval_root"],
+                        real_labels=cfg["real_labels"], rank=info.rank, world_size=info.world_size, seed=t["seed"])
     model_classes = IN1K_CLASSES if es.class_indices is not None else es.num_classes
     model, report = build_eval_model(cfg, model_classes)
     sliced = report.get("head", "").startswith("sliced")

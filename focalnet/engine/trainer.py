@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
@@ -144,8 +144,8 @@ class TrainRun:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts (amp=none, the loss)
 
         # Data.
-        self.loaders = data_lib.build_loaders(OmegaConf.create(cfg["data"]), OmegaConf.create(cfg["aug"]),
-                                              rank=info.rank, world_size=info.world_size, seed=t["seed"])
+        self.loaders = data_lib.build_loaders(cfg["data"], cfg["aug"], rank=info.rank, world_size=info.world_size,
+                                              seed=t["seed"])
         self.updates_per_epoch = len(self.loaders.train) // t["accum_steps"]
         if self.updates_per_epoch == 0:
             raise ConfigError(f"the train loader has {len(self.loaders.train)} batches per rank, fewer than "
