@@ -151,13 +151,14 @@ def test_preset_composes_with_its_cited_recipe(name, tmp_path):
         if re.match(r"^\s+\w+: \S", line) and not line.strip().startswith("-"):
             assert "#" in line or lines[i - 1].strip().startswith("#") or line.split(":")[0].strip() in (
                 "max_steps", "amp", "official_no_weight_decay", "name", "tags"), f"{name}: no source for {line!r}"
-    model = OmegaConf.load(CONF / "experiment" / f"{name}.yaml").defaults[0]["override /model"]
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{name}.yaml").defaults)
+    assert defaults[0] == "/recipe/ft_in1k_focalnet"  # one recipe, cited there; the preset says what differs
+    model = defaults[1]["override /model"]
     assert model in focalnet.list_models() and name == f"ft_in1k_{model}_{name.rsplit('_', 1)[1]}"
 
     ckpt = tmp_path / "pretrained.pth"
     ckpt.write_bytes(b"")
-    # model=focalnet_micro stands in for the full-size model config (built separately by the model tests).
-    cfg = validate_config(_compose(name, f"trainer.init_from={ckpt}", "model=focalnet_micro"))
+    cfg = validate_config(_compose(name, f"trainer.init_from={ckpt}"))
     res = int(name.rsplit("_", 1)[1])
     is_22k = any(s in name for s in ("large", "xlarge", "huge"))
     assert cfg["data"]["name"] == "imagenet1k" and cfg["data"]["num_classes"] == cfg["model"]["num_classes"] == 1000

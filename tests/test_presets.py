@@ -2,9 +2,12 @@
 
 * every preset composes, validates and builds its full-size model (on the meta device: no memory, no time)
   with the paper's parameter count;
-* every resolved value of ``in1k_focalnet_tiny_lrf`` equals the recipe in ../shared/reference/FOCALNET.md,
-  and the linear scaling rule turns it into the paper's LR at total batch 1024, whatever the GPU count;
-* all ImageNet-1K presets share one recipe and differ only in model and drop path (likewise for 22K);
+* every resolved value of ``in1k_focalnet_tiny_lrf`` equals the paper's recipe (Sec. 4.1 and microsoft/FocalNet
+  9253a7f ``config.py``), and the linear scaling rule turns it into the paper's LR at total batch 1024, whatever
+  the GPU count;
+* every preset is its family's one recipe (``conf/recipe/``) plus what really differs: the model, name and tags
+  (and, for fine-tunes, resolution, head and drop path); the values themselves are pinned by
+  ``tests/test_config_snapshot.py``;
 * (slow) every preset trains for two steps through ``train.py`` with its own architecture shrunk to a few
   channels, in two multirun invocations (hierarchical and isotropic models need different shrinking).
 """
@@ -94,7 +97,7 @@ def test_preset_composes_validates_and_builds_the_paper_model(name):
 
 
 def test_tiny_lrf_every_value_matches_the_paper_recipe():
-    """../shared/reference/FOCALNET.md, "The paper's training recipe", value by value."""
+    """The paper's recipe (Sec. 4.1; microsoft/FocalNet 9253a7f config.py and classification/README.md), value by value."""
     cfg = copy.deepcopy(resolved("in1k_focalnet_tiny_lrf"))
     assert cfg["model"] == {"name": "focalnet_tiny_lrf", "library": "focalnet", "num_classes": 1000,
                             "drop_path_rate": 0.2, "grad_checkpointing": False, "kwargs": {}}
@@ -123,22 +126,30 @@ def test_tiny_lrf_every_value_matches_the_paper_recipe():
         assert scaled_lrs(fewer, world_size=world) == pytest.approx(lrs)
 
 
-def _recipe(cfg: dict) -> dict:
-    """Everything but what legitimately differs between presets of one family (the architecture)."""
-    out = json.loads(json.dumps(cfg))
-    for key in ("name", "drop_path_rate", "kwargs"):  # kwargs: e.g. large_fl4's normalize_modulator
-        out["model"].pop(key)
-    out["logger"]["wandb"].pop("name")
-    out["logger"]["wandb"].pop("tags")
-    return out
+# Family -> (its recipe, the keys a preset of it may set besides the model choice and logger.wandb.name/tags).
+FAMILIES = {
+    "in1k_focalnet_": ("/recipe/in1k_focalnet", set()),
+    "in22k_focalnet_": ("/recipe/in22k_focalnet", set()),
+    "in1k_dat_": ("/recipe/in1k_dat", {"optimizer.lr", "schedule.warmup_epochs", "trainer.clip_grad"}),
+    "ft_in1k_focalnet_": ("/recipe/ft_in1k_focalnet", {"model.drop_path_rate", "data.img_size", "aug.test_crop",
+                                                        "trainer.init_head", "trainer.grad_checkpointing"}),
+}
 
 
-@pytest.mark.parametrize("family", [IN1K, IN22K], ids=["in1k", "in22k"])
-def test_presets_of_a_family_share_one_recipe(family):
-    recipes = {name: _recipe(resolved(name)) for name in family}
-    first = next(iter(recipes.values()))
-    for name, recipe in recipes.items():
-        assert recipe == first, name
+def _set_keys(node: dict, prefix: str = "") -> set[str]:
+    return {k for key, v in node.items() if key != "defaults"
+            for k in (_set_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else {f"{prefix}{key}"})}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem != "demo"))
+def test_a_preset_is_its_recipe_plus_what_differs(name):
+    family = next(f for f in FAMILIES if name.startswith(f))
+    recipe, allowed = FAMILIES[family]
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{name}.yaml"))
+    assert raw["defaults"][0] == recipe and list(raw["defaults"][1]) == ["override /model"], raw["defaults"]
+    extra = _set_keys(raw) - {"logger.wandb.name", "logger.wandb.tags"}
+    assert extra <= allowed, f"{name} restates {extra - allowed}: say it once, in {recipe}"
+    assert raw["logger"]["wandb"]["name"] == name
 
 
 def test_in22k_recipe_and_scaling():
