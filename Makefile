@@ -8,9 +8,12 @@ DEBIAN_DEPS := pkg-config libturbojpeg0-dev libopencv-dev
 PYTEST_ARGS ?= -m "not slow"
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-all lint bench demo clean
+.PHONY: help install test test-all lint bench demo clean
 
-install: $(STAMP)
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install this checkout (editable) with every extra; quick when nothing changed
 
 $(STAMP): pyproject.toml Makefile
 	@# FFCV builds from source and needs these Debian packages (installed only when missing and we are root).
@@ -28,22 +31,22 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-build-isolation -e ".[ffcv,sklearn,launch,dev]"
 	@touch $(STAMP)
 
-test: install
+test: install ## the fast tests (PYTEST_ARGS=... to choose)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-all:
+test-all: ## the fast and the slow (end-to-end) tests, as CI runs them
 	$(MAKE) test PYTEST_ARGS="-m 'slow or not slow'"
 
-lint: install
+lint: install ## ruff
 	$(BIN)/ruff check focalnet data scripts tests train.py eval.py
 
-bench: install
+bench: install ## the model, training-loop and data benchmarks (tables with ratios against baselines)
 	$(BIN)/python scripts/bench_model.py
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_data.py
 
-demo: install
+demo: install ## train FocalNet-Micro on handwritten digits on the CPU (a few minutes)
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
-clean:
+clean: ## remove outputs/, multirun/ and caches
 	rm -rf outputs multirun .pytest_cache

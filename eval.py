@@ -13,34 +13,12 @@ The model comes from ``model=NAME`` when given, else from the checkpoint's store
 else it is the FocalNet variant whose weights the file holds. Results are printed and written to
 ``<run dir>/eval.json`` (``throughput.json``); the run dir is ``${paths.output_root}/eval/<run id>``.
 Exit codes: 0 done; 2 bad config, checkpoint or data (the message names the key or file); 1 other errors.
+
+``pip install .`` installs this command as ``focalnet-eval`` (same overrides, any directory); both run
+:func:`focalnet.cli.evaluate`.
 """
 
-import logging
-import sys
-
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from focalnet.engine.distributed import register_resolvers
-
-register_resolvers()  # ${run_id:} and ${rank_suffix:} are used by conf/eval.yaml's hydra section
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
-def main(cfg: DictConfig) -> float | None:
-    from focalnet.data.folder import DataConfigError
-    from focalnet.engine import ConfigError, evaluate
-    from focalnet.models.checkpoint import CheckpointError
-
-    OmegaConf.resolve(cfg)
-    OmegaConf.set_readonly(cfg, True)
-    try:
-        result = evaluate(cfg)
-    except (ConfigError, CheckpointError, DataConfigError) as e:  # the message says what to change
-        logging.getLogger("eval").error("%s", e)
-        sys.exit(2)
-    return result.get("top1")  # what a Hydra sweeper would maximize
-
+from focalnet.cli import evaluate
 
 if __name__ == "__main__":
-    main()
+    evaluate()

@@ -23,35 +23,12 @@ Sweep from outside torchrun: ``-m`` inside torchrun makes every rank run the who
 Exit codes: 0 done; 1 error (Hydra: unknown override key); 2 invalid config (the message names the key and
 the allowed values); 75 (EX_TEMPFAIL) stopped by
 SIGTERM/SIGUSR1/SIGUSR2 after saving ``checkpoints/last.pt`` — relaunch the same command to continue exactly.
+
+``pip install .`` installs this command as ``focalnet-train`` (same overrides, any directory); both run
+:func:`focalnet.cli.train`.
 """
 
-import logging
-import sys
-
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from focalnet.engine.distributed import register_resolvers
-
-register_resolvers()  # ${run_id:} and ${rank_suffix:} are used by conf/config.yaml's hydra section
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    from focalnet.engine import EXIT_PREEMPTED, ConfigError, TrainingPreempted, train
-
-    OmegaConf.resolve(cfg)          # ${hydra:...} and interpolations, once, on this rank
-    OmegaConf.set_readonly(cfg, True)
-    try:
-        result = train(cfg)
-    except ConfigError as e:        # the message names the key and what is allowed; no traceback needed
-        logging.getLogger("train").error("%s", e)
-        sys.exit(2)
-    except TrainingPreempted as e:
-        logging.getLogger("train").warning("%s", e)
-        sys.exit(EXIT_PREEMPTED)
-    return result.get("val/top1")  # the value a Hydra sweeper (e.g. Optuna) maximizes
-
+from focalnet.cli import train
 
 if __name__ == "__main__":
-    main()
+    train()

@@ -1,0 +1,52 @@
+"""The commands: ``focalnet-train`` (= ``python train.py``) and ``focalnet-eval`` (= ``python eval.py``).
+
+Hydra composes the config from :data:`focalnet.layout.CONF_DIR` (the checkout's ``conf/``, or the copy installed
+in the package), resolves it once and makes it read-only, then one library function runs: the entry points stay
+thin. ``train.py`` and ``eval.py`` document the commands; ``pip install .`` installs the same two as console
+scripts, which take the same overrides from any directory.
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from focalnet.engine.distributed import register_resolvers
+from focalnet.layout import CONF_DIR
+
+register_resolvers()  # ${run_id:} and ${rank_suffix:} are used by the hydra sections of conf/config.yaml, eval.yaml
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def train(cfg: DictConfig) -> float | None:
+    from focalnet.engine import EXIT_PREEMPTED, ConfigError, TrainingPreempted
+    from focalnet.engine import train as run_training
+
+    OmegaConf.resolve(cfg)          # ${hydra:...} and interpolations, once, on this rank
+    OmegaConf.set_readonly(cfg, True)
+    try:
+        result = run_training(cfg)
+    except ConfigError as e:        # the message names the key and what is allowed; no traceback needed
+        logging.getLogger("train").error("%s", e)
+        sys.exit(2)
+    except TrainingPreempted as e:
+        logging.getLogger("train").warning("%s", e)
+        sys.exit(EXIT_PREEMPTED)
+    return result.get("val/top1")  # the value a Hydra sweeper (e.g. Optuna) maximizes
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def evaluate(cfg: DictConfig) -> float | None:
+    from focalnet.engine import ConfigError
+    from focalnet.engine import evaluate as run_evaluation
+    from focalnet.models.checkpoint import CheckpointError
+
+    OmegaConf.resolve(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    try:
+        result = run_evaluation(cfg)
+    except (ConfigError, CheckpointError) as e:  # the message says what to change (data errors are ConfigErrors)
+        logging.getLogger("eval").error("%s", e)
+        sys.exit(2)
+    return result.get("top1")  # what a Hydra sweeper would maximize
