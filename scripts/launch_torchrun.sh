@@ -2,7 +2,7 @@
 # Launch train.py under torchrun on one node or on several, with ONE run directory shared by every rank.
 #
 # Each torchrun rank composes its own Hydra config, so anything time-based in the run directory name would
-# give one directory per rank or per node (HYDRA.md pitfall 1). This script exports FOCALNET_RUN_ID, which
+# give one directory per rank or per node (facebookresearch/hydra #2070). This script exports FOCALNET_RUN_ID, which
 # train.py's ${run_id:} resolver uses verbatim, so every rank on every node writes to
 # ${paths.output_root}/${FOCALNET_RUN_ID}. Relaunching with the same id continues the same run directory, and
 # trainer.resume=auto (the default) resumes exactly from its checkpoints/last.pt.
@@ -21,7 +21,7 @@
 #   FOCALNET_RUN_ID run directory name (default: RDZV_ID on several nodes, else <date>_<time>_<random>)
 #   MAX_RESTARTS    torchrun --max-restarts: restarted workers resume from last.pt (default 0)
 #   PYTHON          interpreter with torch and this project installed (default: .venv/bin/python, else python)
-# Never pass -m (multirun) through this script: every rank would run the whole sweep (HYDRA.md pitfall 5);
+# Never pass -m (multirun) through this script: every rank would run the whole sweep;
 # sweep from outside torchrun (python train.py -m ..., or hydra/launcher=slurm).
 set -euo pipefail
 

@@ -44,7 +44,7 @@ def last(metrics: Path, key: str):
 
 
 def inspect_wandb(run_dir: Path) -> dict:
-    """W&B's own reader of an offline run: state, config and summary (HYDRA.md, 'Checking what reached W&B')."""
+    """W&B's own reader of an offline run (``wandb leet inspect``, wandb 0.31): state, config and summary."""
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     out = subprocess.run([str(WANDB), "leet", "inspect", "--summary", "--json", str(offline)],
                          capture_output=True, text=True, timeout=120)

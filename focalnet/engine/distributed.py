@@ -41,8 +41,9 @@ class DistInfo:
 def _adopt_submitit_env() -> None:
     """Under hydra's submitit launcher (srun tasks, no torchrun), export torchrun's variables from SLURM's.
 
-    Rank, world size and local rank come from ``submitit.JobEnvironment()`` (HYDRA.md pitfall 6); the first
-    node of the job hosts the rendezvous, on a port derived from the job id so concurrent jobs do not clash.
+    Rank, world size and local rank come from ``submitit.JobEnvironment()`` (facebookresearch/hydra PR #2633);
+    the first node of the job hosts the rendezvous, on a port derived from the job id so concurrent jobs do not
+    clash.
     """
     if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
         return
