@@ -656,6 +656,7 @@ def fvcore_flop_formulas(elementwise: bool = True) -> dict:
 
 
 # --- registered variants (official configs/dat_*.yaml at LeapLabTHU/DAT 566a593) ----------------------------
+# Architecture only: drop path is a training setting, in conf/model/dat_*.yaml (the DAT class default is 0).
 
 
 def _build(defaults: dict, overrides: dict) -> DAT:
@@ -669,13 +670,11 @@ _DAT_T = dict(
     heads=(3, 6, 12, 24),
     groups=(-1, -1, 3, 6),
     stage_spec=(("L", "S"), ("L", "S"), ("L", "D") * 3, ("L", "D")),
-    drop_path_rate=0.2,
 )
 _DAT_S = dict(
     _DAT_T,
     depths=(2, 2, 18, 2),
     stage_spec=(("L", "S"), ("L", "S"), ("L", "D") * 9, ("L", "D")),
-    drop_path_rate=0.3,
 )
 _DAT_B = dict(
     _DAT_S,
@@ -683,7 +682,6 @@ _DAT_B = dict(
     dims=(128, 256, 512, 1024),
     heads=(4, 8, 16, 32),
     groups=(-1, -1, 4, 8),
-    drop_path_rate=0.5,
 )
 
 
@@ -724,7 +722,6 @@ def dat_micro(**overrides) -> DAT:
             groups=(-1, -1, 2, 4),
             window_sizes=(4, 4, 4, 2),
             stage_spec=(("S",), ("S",), ("L", "D"), ("L", "D")),
-            drop_path_rate=0.1,
         ),
         overrides,
     )
