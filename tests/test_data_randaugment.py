@@ -98,7 +98,7 @@ def test_train_transform_matches_flip_plus_timm_randaugment_on_pil():
 
 
 def test_aug_keys_hflip_scale_ratio_and_center_crop_training():
-    base = {"auto_augment": None, "interpolation": "bicubic", "test_crop": True}
+    base = {"auto_augment": None, "color_jitter": None, "interpolation": "bicubic", "test_crop": True}
     tf = TrainSampleTransform(OmegaConf.create({**base, "hflip": 0.0, "scale": [0.5, 1.0], "ratio": [0.9, 1.1]}), 32)
     assert tf.flips == [] and tf.rrc.scale == (0.5, 1.0) and tf.rrc.ratio == (0.9, 1.1)
     tf = TrainSampleTransform(OmegaConf.create({**base, "hflip": 0.3}), 32)

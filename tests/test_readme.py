@@ -5,8 +5,9 @@ Every fenced ``bash`` or ``python`` block must be preceded by a marker comment `
 * ``run [overrides]``: run on the CPU with bash, ``python`` being this interpreter; ``outputs/`` paths go to a
   temporary directory and the overrides are appended to every ``train.py`` / ``scripts/demo.py`` line (slow).
 * ``compose``: each line's Hydra config is composed (and validated) without running: ``python train.py``,
-  ``python eval.py``, ``torchrun ... train.py``, ``scripts/launch_torchrun.sh`` and ``scripts/write_ffcv.py``
-  (whose ``--flags`` must appear in its ``--help``). ``-m`` sweeps compose every point.
+  ``python eval.py`` (or ``focalnet-train``/``focalnet-eval``), ``torchrun ... train.py``,
+  ``scripts/launch_torchrun.sh`` and ``scripts/write_ffcv.py`` (whose ``--flags`` must appear in its
+  ``--help``). ``-m`` sweeps compose every point.
 * ``dry``: ``make`` lines run as ``make -n`` (the target exists and expands).
 * ``python``: the block is executed.
 * ``skip: reason``: cannot be checked here (the reason is required).
@@ -35,6 +36,8 @@ README = ROOT / "README.md"
 BLOCK = re.compile(r"(?:<!--\s*readme-test:\s*(?P<marker>.*?)\s*-->\s*\n)?```(?P<lang>[a-z]*)\n(?P<body>.*?)```",
                    re.S)
 MODES = ("run", "compose", "dry", "python", "skip")
+# The pip-installed commands run the checkout's entry points (focalnet.cli); tests/test_packaging.py runs them.
+INSTALLED = {"focalnet-train": "train.py", "focalnet-eval": "eval.py"}
 
 
 def readme_blocks() -> list[tuple[str, str, str, int]]:
@@ -141,6 +144,7 @@ def _script_and_args(tokens: list[str]) -> tuple[str, list[str], list[str]]:
         return tokens[i], [], tokens[i + 1:]
     if tokens[0] == "python":
         tokens = tokens[1:]
+    tokens = [INSTALLED.get(tokens[0], tokens[0]), *tokens[1:]]
     flags = []
     rest = tokens[1:]
     while rest and rest[0] in ("-m", "--multirun"):

@@ -50,8 +50,8 @@ from focalnet.engine.throughput import format_throughput, throughput_rows
 from focalnet.engine.trainer import resolve_device
 from focalnet.models.checkpoint import (
     IN1K_CLASSES,
-    IN22K_CLASSES,
     CheckpointError,
+    auto_head,
     convert_timm_to_official,
     is_timm_format,
     read_state_dict,
@@ -167,11 +167,8 @@ def build_eval_model(cfg: dict, num_classes: int, *, load_weights: bool = True) 
 
     head_name = _head_weight_name(model)
     ckpt_classes = official_sd[head_name].shape[0] if head_name in official_sd else None
-    if ckpt_classes in (None, num_classes):
-        head = "strict"
-    elif ckpt_classes == IN22K_CLASSES and num_classes == IN1K_CLASSES:
-        head = "slice_22k_to_1k"
-    else:
+    head = auto_head(ckpt_classes, num_classes) if ckpt_classes is not None else "strict"
+    if head == "reinit":  # a fresh head scores at chance: not an evaluation
         raise CheckpointError(f"the checkpoint's head has {ckpt_classes} classes but the eval set has {num_classes}: "
                               f"evaluate it on a {ckpt_classes}-class set (data.num_classes), or fine-tune it "
                               f"(trainer.init_from=...) first")

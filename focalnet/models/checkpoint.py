@@ -197,6 +197,16 @@ def infer_focalnet_config(sd: Mapping[str, torch.Tensor]) -> dict:
 # ---- loading --------------------------------------------------------------------------------------------------
 
 
+def auto_head(ckpt_classes: int, model_classes: int) -> str:
+    """What ``head="auto"`` does with a ``ckpt_classes``-way head in a ``model_classes``-way model: ``strict`` when
+    the counts match, ``slice_22k_to_1k`` for 21842 -> 1000 (imagenet22k_ms layout), ``reinit`` otherwise."""
+    if ckpt_classes == model_classes:
+        return "strict"
+    if ckpt_classes == IN22K_CLASSES and model_classes == IN1K_CLASSES:
+        return "slice_22k_to_1k"
+    return "reinit"
+
+
 def _head_param_names(model: nn.Module) -> list[str]:
     head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
     if not isinstance(head, nn.Module):
@@ -274,14 +284,7 @@ def load_checkpoint(
     model_n = model_w.shape[0] if model_w is not None else 0
     ckpt_w = next((v for k, v in ckpt_head.items() if k.endswith("weight")), None)
     ckpt_n = ckpt_w.shape[0] if ckpt_w is not None else 0
-    mode = head
-    if mode == "auto":
-        if ckpt_n == model_n:
-            mode = "strict"
-        elif ckpt_n == IN22K_CLASSES and model_n == IN1K_CLASSES:
-            mode = "slice_22k_to_1k"
-        else:
-            mode = "reinit"
+    mode = auto_head(ckpt_n, model_n) if head == "auto" else head
     head_problem = None
     if not ckpt_head:
         report.head = "absent"
