@@ -21,7 +21,7 @@ a requeued/restarted job finds its ``checkpoints/last.pt`` again with ``trainer.
 Sweep from outside torchrun: ``-m`` inside torchrun makes every rank run the whole sweep.
 
 Exit codes: 0 done; 1 error (Hydra: unknown override key); 2 invalid config (the message names the key and
-the allowed values); 75 (EX_TEMPFAIL) stopped by
+the allowed values) or weights that cannot be found/loaded (model.pretrained, trainer.init_from); 75 (EX_TEMPFAIL) stopped by
 SIGTERM/SIGUSR1/SIGUSR2 after saving ``checkpoints/last.pt`` — relaunch the same command to continue exactly.
 """
 
@@ -39,12 +39,13 @@ register_resolvers()  # ${run_id:} and ${rank_suffix:} are used by conf/config.y
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from focalnet.engine import EXIT_PREEMPTED, ConfigError, TrainingPreempted, train
+    from focalnet.models.checkpoint import CheckpointError
 
     OmegaConf.resolve(cfg)          # ${hydra:...} and interpolations, once, on this rank
     OmegaConf.set_readonly(cfg, True)
     try:
         result = train(cfg)
-    except ConfigError as e:        # the message names the key and what is allowed; no traceback needed
+    except (ConfigError, CheckpointError) as e:  # the message names the key or weights and the fix; no traceback
         logging.getLogger("train").error("%s", e)
         sys.exit(2)
     except TrainingPreempted as e:
