@@ -614,8 +614,9 @@ def check_arch(model: nn.Module, weights: Weights) -> None:
                               f"{type(model).__name__}")
     diff = {k: v for k, v in arch.items() if k in own and own[k] != v}
     if diff:
-        hint = next((n for n, (_, a) in _variant_signatures().items() if json.loads(a) == json.loads(
-            json.dumps(arch, default=str))), None)
+        want = json.loads(json.dumps(arch, default=str))
+        hint = max((n for n, (_, a) in _variant_signatures().items() if json.loads(a) == want), key=len,
+                   default=None)  # focalnet_tiny_lrf rather than its alias focalnet_tiny
         raise CheckpointError(
             f"{weights.source}: its config.json describes a FocalNet with {_fmt(diff)}, but the model "
             f"({model_name(model) or type(model).__name__}) has {_fmt({k: own[k] for k in diff})}; "

@@ -191,6 +191,7 @@ def resolve(source, *, variant: str | None = None, local_only: bool = False) -> 
 
 
 def _resolve_published(tag, variant: str, entry: Published, local_only: bool) -> Resolved:
+    tag = "true" if tag is True or tag in TRUE_STRINGS else tag
     candidates = entry.candidates()
     for candidate in candidates:  # a copy already in a cache wins: no network at all
         try:
@@ -214,7 +215,7 @@ def _resolve_published(tag, variant: str, entry: Published, local_only: bool) ->
     raise CheckpointError(
         f"pretrained={tag} for {variant}: none of {', '.join(candidates)} is in the caches ({', '.join(caches)})"
         + (" and HF_HUB_OFFLINE=1 forbids downloads" if local_only and is_offline() else "")
-        + f"; on a machine with internet run: {FETCH_COMMAND} {variant}" + (f":{tag}" if tag not in (True, *TRUE_STRINGS) else "")
+        + f"; on a machine with internet run: {FETCH_COMMAND} {variant}" + (f":{tag}" if tag != "true" else "")
         + why
     )
 
