@@ -102,6 +102,16 @@ def _logits(model, size: int = 32):
         return model.eval()(_x(size))
 
 
+def _script(name: str):
+    """A script's module (its ``main(argv)`` runs in this process: one interpreter start is seconds on CI)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_fetch_weights_prints_where_each_source_went(fetched):
     lines = fetched["stdout"].splitlines()
     hub_cache = fetched["root"] / "hf_home" / "hub"
@@ -210,12 +220,13 @@ def test_local_files_of_every_format(tmp_path):
     assert convert_transformers_to_official(convert_official_to_transformers(sd)).keys() == sd.keys()
 
 
-def test_fetch_weights_without_network_or_cache_exits_2_with_one_line(tmp_path):
-    env = train_env(HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"), HF_HUB_OFFLINE="1")
-    out = subprocess.run([PYTHON, str(ROOT / "scripts" / "fetch_weights.py"), "hf-hub:microsoft/focalnet-tiny"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2, out.stderr
-    (line,) = out.stderr.strip().splitlines()
+def test_fetch_weights_without_network_or_cache_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert _script("fetch_weights").main(["hf-hub:microsoft/focalnet-tiny"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
     assert str(tmp_path / "hf" / "hub") in line and "fetch_weights.py hf-hub:microsoft/focalnet-tiny" in line
 
 
@@ -254,3 +265,61 @@ def test_train_py_model_pretrained_hf_hub_from_the_cache(fetched, tmp_path):
             assert torch.allclose(v, published[k], atol=1e-6), k
     assert trained["head.weight"].shape == (10, 768)  # 1000-way head re-initialized for 10 classes (init_head=auto)
     assert f"initialized weights from hf-hub:{TIMM_REPO}" in (run / "train.log").read_text()
+
+
+# ---- configuration and the export script ------------------------------------------------------------------------
+
+
+def test_config_validates_sources_before_any_work(tmp_path):
+    from conftest import TINY, compose_config
+
+    from focalnet.engine import ConfigError, validate_config
+
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config([*TINY, "model.pretrained=true"], tmp_path))
+    assert "model.pretrained=True: pretrained=True: focalnet_micro has no published weights" in str(err.value)
+    with pytest.raises(ConfigError, match="model.pretrained='/nowhere/w.pth': no such file or directory"):
+        validate_config(compose_config([*TINY, "model.pretrained=/nowhere/w.pth"], tmp_path))
+    with pytest.raises(ConfigError, match="set one of them"):
+        validate_config(compose_config([*TINY, f"model.pretrained={ROOT}", f"trainer.init_from={ROOT}"], tmp_path))
+    for ok in ("hf-hub:microsoft/focalnet-tiny@main", "https://host/w.pth"):  # checked when resolved, not here
+        validate_config(compose_config([*TINY, f"model.pretrained={ok}"], tmp_path))
+    validate_config(compose_config([*TINY, "model=focalnet_large_fl3", "model.pretrained=in22k"], tmp_path))
+
+
+def test_timm_model_kwargs_pretrained_takes_a_file(tmp_path):
+    """`model=timm model.kwargs.pretrained=...` used to crash (pretrained passed twice); it is model.pretrained now."""
+    from focalnet.engine.build import build_model
+
+    torch.manual_seed(0)
+    src = timm.create_model("test_convnext", pretrained=False)  # its default 1000 classes: the head loads too
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    cfg = {"name": "test_convnext", "library": "timm", "num_classes": 1000, "drop_path_rate": 0.0}
+    for extra in ({"kwargs": {"pretrained": str(tmp_path / "w.pth")}}, {"pretrained": str(tmp_path / "w.pth")}):
+        model = build_model({**cfg, **extra}, timm_pretrained=True)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+    assert not torch.equal(next(iter(build_model({**cfg, "pretrained": str(tmp_path / "w.pth")}).parameters())),
+                           next(iter(src.parameters())))  # without timm_pretrained (eval): no weights loaded
+
+
+def test_export_weights_script_round_trips_a_run_checkpoint(tmp_path, monkeypatch, capsys):
+    ema = _micro(7)
+    run_cfg = {"model": {"name": "focalnet_micro", "library": "focalnet", "num_classes": 10, "kwargs": {},
+                         "drop_path_rate": 0.1}}
+    torch.save({"model": _micro(8).state_dict(), "ema": ema.state_dict(), "config": run_cfg}, tmp_path / "last.pt")
+    monkeypatch.chdir(tmp_path)
+    export = _script("export_weights").main
+    for fmt in ("official", "transformers"):
+        assert export([str(tmp_path / "last.pt"), "--weights", "ema", "--to", fmt]) == 0
+        path = tmp_path / ("last_official.pth" if fmt == "official" else "last_transformers")
+        out = capsys.readouterr().out
+        assert f"-> {path.name}" in out and "load it with:" in out
+        back = focalnet.create_model("focalnet_micro", num_classes=10, pretrained=str(path))
+        assert torch.equal(_logits(back), _logits(ema))
+    theirs = FocalNetForImageClassification.from_pretrained(tmp_path / "last_transformers").eval()
+    with torch.no_grad():
+        assert (theirs(_x()).logits - _logits(ema)).abs().max() <= TOL
+    assert export([str(tmp_path / "last.pt"), "--to", "official"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert export([str(tmp_path / "last.pt"), "--to", "timm"]) == 2
+    assert "timm registers no focalnet_micro" in capsys.readouterr().err
