@@ -39,7 +39,6 @@ __all__ = [
     "Weights",
     "load_checkpoint",
     "read_weights",
-    "read_state_dict",
     "convert_official_to_timm",
     "convert_timm_to_official",
     "convert_official_to_transformers",
@@ -177,12 +176,6 @@ def read_weights(source, key: str = "model", *, variant: str | None = None) -> W
             sd = {k[len(prefix) :]: v for k, v in sd.items()}
     train_config = top.get("config") if isinstance(top.get("config"), Mapping) else None
     return Weights(sd, detect_format(sd), label, used, has_ema, train_config, hub_config)
-
-
-def read_state_dict(path_or_obj, key: str = "model") -> tuple[dict[str, torch.Tensor], str | None, str]:
-    """Return ``(state_dict, key_used, source)`` from a SOURCE or a loaded object (no conversion)."""
-    w = read_weights(path_or_obj, key)
-    return w.state_dict, w.key, w.source
 
 
 def _is_state_dict(obj: Mapping) -> bool:

@@ -123,10 +123,13 @@ def published(variant: str | None, tag) -> Published | None:
     """The table entry a ``true``/tag SOURCE names for ``variant``; None when ``tag`` is not a tag at all."""
     if not is_tag(tag):
         return None
-    tags = PUBLISHED.get(variant or "")
+    if variant is None:
+        raise CheckpointError(f"{tag!r} stands for a model's published weights: name the model (model=NAME, "
+                              f"create_model(NAME, pretrained=...), fetch_weights.py NAME[:TAG])")
+    tags = PUBLISHED.get(variant)
     if not tags:
         have = ", ".join(sorted(PUBLISHED))
-        raise CheckpointError(f"pretrained={tag!r}: {variant or 'this model'} has no published weights "
+        raise CheckpointError(f"pretrained={tag!r}: {variant} has no published weights "
                               f"(published: {have}); pass a file, a directory, hf-hub:ORG/REPO or a URL")
     if tag is True or tag in TRUE_STRINGS:
         return next(iter(tags.values()))
