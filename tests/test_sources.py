@@ -112,6 +112,7 @@ def _script(name: str):
     return module
 
 
+@pytest.mark.slow  # the module fixture publishes and fetches full-size FocalNet-T copies
 def test_fetch_weights_prints_where_each_source_went(fetched):
     lines = fetched["stdout"].splitlines()
     hub_cache = fetched["root"] / "hf_home" / "hub"
@@ -123,6 +124,7 @@ def test_fetch_weights_prints_where_each_source_went(fetched):
     assert any(str(fetched["root"] / "torch_home" / "hub" / "checkpoints") in line for line in lines), lines
 
 
+@pytest.mark.slow  # the module fixture publishes and fetches full-size FocalNet-T copies
 def test_hub_ids_and_true_load_offline_with_the_references_logits(offline):
     ref = offline["logits"]
     by_id = focalnet.create_model("focalnet_tiny_srf", pretrained=f"hf-hub:{TIMM_REPO}")
@@ -137,6 +139,7 @@ def test_hub_ids_and_true_load_offline_with_the_references_logits(offline):
     assert weights.source == f"focalnet_tiny_lrf true = hf-hub:{HF_REPO}"
 
 
+@pytest.mark.slow  # the module fixture publishes and fetches full-size FocalNet-T copies
 def test_repository_files_revisions_and_urls(offline):
     ref = offline["logits"]
     main = focalnet.create_model("focalnet_micro", num_classes=10, pretrained=f"hf-hub:{OFFICIAL_REPO}/micro.pth")
@@ -146,6 +149,7 @@ def test_repository_files_revisions_and_urls(offline):
     assert torch.equal(_logits(url), ref["main"])
 
 
+@pytest.mark.slow  # the module fixture publishes and fetches full-size FocalNet-T copies
 def test_nothing_cached_offline_is_one_line_naming_cache_and_command(offline):
     cache = str(offline["root"] / "hf_home" / "hub")
     with pytest.raises(CheckpointError) as err:
@@ -159,6 +163,7 @@ def test_nothing_cached_offline_is_one_line_naming_cache_and_command(offline):
     assert "hf-hub:timm/focalnet_small_srf.ms_in1k" in msg and "hf-hub:microsoft/focalnet-small" in msg
 
 
+@pytest.mark.slow  # the module fixture publishes and fetches full-size FocalNet-T copies
 def test_transformers_config_for_another_variant_is_refused_naming_both(offline):
     with pytest.raises(CheckpointError) as err:
         focalnet.create_model("focalnet_tiny_srf", pretrained=f"hf-hub:{HF_REPO}")

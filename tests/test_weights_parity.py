@@ -39,7 +39,10 @@ from transformers import FocalNetConfig, FocalNetForImageClassification  # noqa:
 TOL = 1e-4
 VARIANTS = [n for n in focalnet.list_models("focalnet_*") if n not in ("focalnet_tiny", "focalnet_small", "focalnet_base")]
 TIMM_VARIANTS = [n for n in VARIANTS if timm.is_model(n)]
-FULL_SIZE = ("focalnet_tiny_srf",)  # the hub tests (test_sources.py) load a full-size tiny_lrf too
+FULL_SIZE = ("focalnet_tiny_srf",)
+# `make test` runs a few variants that cover every flag (CI runs all): the rest are marked slow.
+FAST = ("focalnet_micro", "focalnet_tiny_lrf", "focalnet_tiny_iso", "focalnet_huge_fl4", "focalnet_large_fl4")
+VARIANT_PARAMS = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in VARIANTS]  # the hub tests (test_sources.py) load a full-size tiny_lrf too
 
 
 def randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -92,7 +95,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
     return d
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", VARIANT_PARAMS)
 def test_parity_every_variant(name, monkeypatch):
     # (1) Full size, meta device: the converted names and shapes are the references' exactly, both ways. (timm's
     #     trunc_normal_ takes seconds per model on meta tensors, which hold no values: skipped while building.)
@@ -137,6 +140,7 @@ def test_parity_every_variant(name, monkeypatch):
 # ---- full size, through the files each ecosystem writes and reads ----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FULL_SIZE)
 def test_transformers_files_both_directions(name, tmp_path):
     x = image(name)
@@ -154,6 +158,7 @@ def test_transformers_files_both_directions(name, tmp_path):
         assert max_diff(mine(x), theirs(x).logits, f"{name} full save_pretrained -> ours") <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FULL_SIZE)
 def test_timm_files_both_directions(name, tmp_path):
     x = image(name)
