@@ -158,15 +158,6 @@ class Resolved:
     weights: Path
     config: dict | None = None
 
-    @property
-    def config_kind(self) -> str | None:
-        """``transformers`` (a FocalNetConfig), ``timm`` (timm's hub config) or None."""
-        if self.config is None:
-            return None
-        if self.config.get("model_type"):
-            return "transformers"
-        return "timm" if "architecture" in self.config else None
-
 
 def is_offline() -> bool:
     """``HF_HUB_OFFLINE=1`` (huggingface_hub's switch) keeps every source off the network."""
