@@ -31,7 +31,6 @@ import functools
 import json
 import logging
 import math
-import pickle
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -125,11 +124,7 @@ def check_eval_config(cfg: DictConfig | Mapping) -> dict:
 
 def read_checkpoint(path: str, weights: str) -> tuple[dict, dict | None, str | None, bool]:
     """(state dict, the stored training config or None, entry used, whether EMA weights exist); one read."""
-    try:
-        obj = load_file(path)  # weights_only=True
-    except pickle.UnpicklingError:
-        read_state_dict(path)  # raises CheckpointError saying why the file was refused (and that nothing ran)
-        raise
+    obj = load_file(path)  # weights_only=True, checksums verified; CheckpointError names the file
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
     has_ema = isinstance(obj.get("ema"), Mapping)
