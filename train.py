@@ -31,6 +31,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from focalnet.engine.distributed import register_resolvers
 
@@ -51,12 +52,16 @@ def main(cfg: DictConfig) -> float | None:
     )
     from focalnet.models.checkpoint import CheckpointError
 
-    OmegaConf.resolve(cfg)          # ${hydra:...} and interpolations, once, on this rank
-    OmegaConf.set_readonly(cfg, True)
     try:
+        OmegaConf.resolve(cfg)      # ${hydra:...} and interpolations (data=folder counts classes), once, here
+        OmegaConf.set_readonly(cfg, True)
         result = train(cfg)
-    except (ConfigError, DataConfigError, CheckpointError, CheckpointWriteError) as e:
+    except (ConfigError, DataConfigError, CheckpointError, CheckpointWriteError, InterpolationResolutionError) as e:
         # Fixable by the user (config, data, checkpoint, run directory, disk): one line naming the key or path.
+        if isinstance(e, InterpolationResolutionError):  # a resolver's error (data=folder's class count)
+            e = e.__cause__ or e.__context__
+            if not isinstance(e, DataConfigError):
+                raise
         logging.getLogger("train").error("%s", e)
         sys.exit(2)
     except NonFiniteLossError as e:
