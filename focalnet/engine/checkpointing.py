@@ -169,6 +169,14 @@ def load_file(path: str | os.PathLike, map_location="cpu", verify: bool = True) 
         raise CheckpointError(f"{path} is corrupt: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
+def first_non_finite(state_dict) -> str | None:
+    """The name of the first floating-point tensor holding NaN/inf, or None."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
+
+
 def _starts_with(path, magic: bytes) -> bool:
     with open(path, "rb") as f:
         return f.read(len(magic)) == magic

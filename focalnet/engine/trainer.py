@@ -48,6 +48,7 @@ from focalnet.engine.build import (
 from focalnet.engine.checkpointing import (
     capture_rng,
     find_resume_checkpoint,
+    first_non_finite,
     link_or_copy_atomic,
     load_training_state,
     remove_orphan_temporaries,
@@ -308,8 +309,7 @@ class TrainRun:
         """Write ``name`` (+ hard links ``also``) on rank 0; every rank calls it. Non-finite weights are never
         written: every rank raises NonFiniteLossError instead (the weights are identical on every rank)."""
         for label, module in (("model", self.model), ("ema", self.ema.module if self.ema is not None else None)):
-            bad = next((n for n, v in (module.state_dict().items() if module is not None else ())
-                        if v.is_floating_point() and not torch.isfinite(v).all()), None)
+            bad = first_non_finite(module.state_dict()) if module is not None else None
             if bad is not None:
                 raise NonFiniteLossError(
                     f"{label} weight {bad} is NaN/inf at step {self.state.step}: not saving it; "
