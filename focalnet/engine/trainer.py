@@ -127,8 +127,10 @@ class _PreemptFlag:
             previous(self.signum, None)
 
     def __exit__(self, *exc):
+        # Once stopping, later stop signals (a second Ctrl-C, SLURM's repeats) are ignored until the process has
+        # exited with its code; otherwise the handlers that were there before come back.
         for s, h in self._previous.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_IGN if self.signum is not None else h)
 
 
 def train(cfg: DictConfig | dict) -> dict:
