@@ -77,12 +77,12 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError) as e:  # torch.save re-raises a failed write as RuntimeError (context: OSError)
+        if not _disk_full(e):
             raise
         need, free = _tensor_bytes(obj), shutil.disk_usage(path.parent).free
         raise CheckpointWriteError(
-            e.errno, f"no space left on device writing {path}: the checkpoint needs about {need / 2**20:.0f} MiB, "
+            errno.ENOSPC, f"no space left on device writing {path}: the checkpoint needs about {need / 2**20:.0f} MiB, "
             f"{free / 2**20:.0f} MiB are free on that file system; the previous {path.name} is intact. Free space "
             f"(or move the run directory) and relaunch to resume") from None
     finally:
@@ -94,6 +94,14 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _tensor_bytes(obj) -> int:
@@ -157,7 +165,11 @@ def verify_file(path: str | os.PathLike) -> None:
 def load_file(path: str | os.PathLike, map_location="cpu", verify: bool = True) -> dict:
     """``torch.load(path, weights_only=True)`` after :func:`verify_file` (for zip files; the legacy format of
     some released ``.pth`` files has no checksums); errors name the path."""
-    if verify and _starts_with(path, b"PK"):
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic[:1] != b"\x80" and magic != b"PK":  # neither torch's zip format nor its legacy pickle format
+        raise CheckpointError(f"{path} is corrupt: not a torch.save file (empty, truncated or overwritten)")
+    if verify and magic == b"PK":
         verify_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -175,11 +187,6 @@ def first_non_finite(state_dict) -> str | None:
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
             return name
     return None
-
-
-def _starts_with(path, magic: bytes) -> bool:
-    with open(path, "rb") as f:
-        return f.read(len(magic)) == magic
 
 
 def load_training_state(path: str | os.PathLike) -> dict:
