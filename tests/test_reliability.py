@@ -136,7 +136,7 @@ COMMON = ["model=focalnet_micro", "data.img_size=32", "data.batch_size=8", "data
           "aug.color_jitter=null", "schedule.warmup_epochs=0", "trainer.amp=none", "trainer.epochs=3",
           "trainer.ema_decay=0.9", "trainer.log_every=1", "trainer.ckpt_every_steps=null", "logger.wandb.mode=disabled"]
 PATHS = {  # data path -> (overrides, the signal that stops it)
-    "synthetic": (["data=synthetic", "data.train_size=48", "data.val_size=16"], signal.SIGTERM),
+    "synthetic": (["data=synthetic", "data.train_size=24", "data.val_size=16"], signal.SIGTERM),
     "folder": (["data=folder", "data.root={root}"], signal.SIGINT),
     "ffcv": (["data=imagenet1k_ffcv", "data.root={ffcv}", "data.num_classes=3"], signal.SIGUSR2),
 }

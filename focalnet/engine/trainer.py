@@ -113,9 +113,8 @@ class _PreemptFlag:
         return self
 
     def _handle(self, signum, frame):
-        first = self.signum is None
-        self.signum = signum
-        if first:  # os.write: a handler must not take the logging lock the interrupted code may hold
+        if self.signum is None:  # the first one decides; os.write: the logging lock may be held by the loop
+            self.signum = signum
             os.write(2, f"\n{signal.Signals(signum).name} received: finishing the current update, then saving "
                         f"checkpoints/last.pt and exiting with code {EXIT_PREEMPTED}\n".encode())
 
