@@ -98,6 +98,8 @@ def leave_shutdown_to_parent(*_worker_id) -> None:
         os._exit(1)
     for s in JOB_SIGNALS[1:]:
         signal.signal(s, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender check; SIGTERM keeps its default action
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from now on inherit the mask
 
     def obey_parent_only():

@@ -5,6 +5,7 @@
 and on SIGUSR2 submitit's checkpoint-and-requeue. A 2-task job is preempted mid-training (SIGUSR2 to both
 tasks, as SLURM sends it); it saves ``last.pt``, submitit requeues it, the requeued job composes the same config
 in the same run directory and resumes from ``last.pt``: the final weights equal an uninterrupted run bitwise.
+SIGUSR2 goes to every process of the tasks, their DataLoader workers included, as SLURM signals a job step.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=30",
-        "model=focalnet_micro", "data=synthetic", "data.train_size=1024", "data.val_size=32", "data.batch_size=8",
+        "model=focalnet_micro", "data=synthetic", "data.num_workers=1", "data.train_size=1024", "data.val_size=32", "data.batch_size=8",
         "trainer.max_steps=40", "trainer.ckpt_every_steps=1000", "trainer.log_every=1", "trainer.device=cpu", "logger.wandb.mode=disabled"]
 
 
@@ -54,6 +55,14 @@ def task_pids(sweep_dir: Path) -> list[int]:
     return pids
 
 
+def descendants(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += [int(child), *descendants(int(child))]
+    return out
+
+
 @pytest.mark.slow
 def test_preempted_submitit_job_is_requeued_and_resumes_exactly(tmp_path):
     # Reference: the same job, never interrupted.
@@ -78,7 +87,9 @@ def test_preempted_submitit_job_is_requeued_and_resumes_exactly(tmp_path):
     sweep_dir = found[0].parent.parent
     pids = task_pids(sweep_dir)
     assert len(pids) == 2
-    for pid in pids:
+    job_processes = pids + [child for pid in pids for child in descendants(pid)]  # + their DataLoader workers
+    assert len(job_processes) >= 4
+    for pid in job_processes:  # SLURM signals every process of the job step, data workers included
         os.kill(pid, signal.SIGUSR2)
     log = job.communicate(timeout=600)[0]
     assert job.returncode == 0, log[-5000:]
