@@ -122,8 +122,9 @@ def scan_folder(split_dir: str, key: str, class_to_idx: dict[str, int] | None = 
     else:
         unknown = [c for c in classes if c not in class_to_idx]
         if unknown:
-            raise DataConfigError(f"{key}: {len(unknown)} class folders of {split_dir} are not training classes "
-                                  f"(nor in data.label_layout), e.g. {unknown[:3]}: remove them or fix data.root")
+            raise DataConfigError(f"{key}: {len(unknown)} class folders of {split_dir} are not in the label layout "
+                                  f"(the training classes, or data.label_layout), e.g. {unknown[:3]}: remove them "
+                                  f"or fix data.root")
     samples: list[Sample] = []
     empty = []
     for c in classes:

@@ -135,8 +135,7 @@ def image_data(tmp_path_factory):
 COMMON = ["model=focalnet_micro", "data.img_size=32", "data.batch_size=8", "data.num_workers=1", "aug=deit",
           "aug.color_jitter=null", "schedule.warmup_epochs=0", "trainer.amp=none", "trainer.epochs=3",
           "trainer.ema_decay=0.9", "trainer.log_every=1", "trainer.ckpt_every_steps=null", "logger.wandb.mode=disabled"]
-PATHS = {  # data path -> (overrides, the signal that stops it)
-    "synthetic": (["data=synthetic", "data.train_size=24", "data.val_size=16"], signal.SIGTERM),
+PATHS = {  # data path -> (overrides, the signal that stops it); synthetic data: the torchrun test below
     "folder": (["data=folder", "data.root={root}"], signal.SIGINT),
     "ffcv": (["data=imagenet1k_ffcv", "data.root={ffcv}", "data.num_classes=3"], signal.SIGUSR2),
 }
@@ -154,7 +153,7 @@ def test_process_group_signal_saves_exits_75_and_resumes_bitwise(tmp_path, image
     code, out = finish(ref_dir, args, tiny=False)
     assert code == 0, out[-4000:]
     reference = load_file(ref_dir / "checkpoints" / "last.pt")
-    assert reference["step"] == 9  # 3 epochs x 3 updates (folder: 24 good images + 2 hostile = 3 batches of 8)
+    assert reference["step"] == 9  # 3 epochs x 3 updates (24 good images + 2 hostile ones: 3 batches of 8)
 
     proc, log = launch(run_dir, args, pause_at=4, tiny=False)
     wait_parked(proc, log, tmp_path / "run.paused")
@@ -169,11 +168,11 @@ def test_process_group_signal_saves_exits_75_and_resumes_bitwise(tmp_path, image
     code, out = finish(run_dir, args, tiny=False)
     assert code == 0, out[-4000:]
     assert_same_weights(load_file(run_dir / "checkpoints" / "last.pt"), reference)
-    if path != "synthetic":  # the 12 GB file and the 144 Mpx PNG were skipped and counted, never read
-        metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        skipped = [m["train/skipped_images"] for m in metrics if "train/skipped_images" in m]
-        assert skipped and all(n == (2 if path == "folder" else 0) for n in skipped)
-        assert "over data.max_file_mb=256 (not read)" in out + text or path == "ffcv"
+    # The 12 GB file and the 144 Mpx PNG were skipped and counted, never read (FFCV: skipped by the writer).
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    skipped = [m["train/skipped_images"] for m in metrics if "train/skipped_images" in m]
+    assert skipped and all(n == (2 if path == "folder" else 0) for n in skipped)
+    assert "over data.max_file_mb=256 (not read)" in out + text or path == "ffcv"
     assert not list((run_dir / "checkpoints").glob(".*.tmp.*"))
 
 
@@ -211,7 +210,7 @@ def test_torchrun_group_signal_one_save_every_rank_exits_75_and_resumes_bitwise(
 
 
 @pytest.mark.slow
-def test_second_launch_is_refused_and_the_lock_dies_with_its_holder(tmp_path):
+def test_second_launch_is_refused_the_lock_dies_with_its_holder_and_damaged_runs_are_not_restarted(tmp_path):
     run_dir = tmp_path / "run"
     first, log = launch(run_dir, ["trainer.epochs=2"], pause_at=2)
     wait_parked(first, log, tmp_path / "run.paused")
@@ -228,42 +227,60 @@ def test_second_launch_is_refused_and_the_lock_dies_with_its_holder(tmp_path):
     assert code == 0, out[-3000:]
     assert load_file(run_dir / "checkpoints" / "last.pt")["step"] == 16
 
+    # Every checkpoint of the run damaged: resume=auto refuses to start over on top of them (exit 2, one line).
+    ck = run_dir / "checkpoints"
+    for name in ("last.pt", "best.pt"):
+        data = (ck / name).read_bytes()
+        (ck / name).unlink()  # a new inode each: best.pt stays its own damaged file
+        (ck / name).write_bytes(data[: len(data) // 2] if name == "last.pt" else os.urandom(len(data)))
+    damaged = {name: (ck / name).read_bytes() for name in ("last.pt", "best.pt")}
+    code, out = finish(run_dir, ["trainer.epochs=3"])
+    assert code == 2 and "Traceback" not in out, out[-3000:]
+    (line,) = error_lines(out)
+    assert f"{ck / 'last.pt'} is corrupt" in line and f"{ck / 'best.pt'} is corrupt" in line
+    assert "Nothing was overwritten" in line
+    assert {name: (ck / name).read_bytes() for name in damaged} == damaged
+
 
 # -- items 2, 4, 8: resume picks an intact checkpoint, refuses a changed run; secrets ------------------------
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_changed_run_accepts_harmless_keys_and_redacts_secrets(tmp_path):
-    run_dir = tmp_path / "run"
+def test_resume_refuses_a_changed_run_accepts_harmless_keys_and_redacts_secrets(compose_cfg, tmp_path, monkeypatch):
+    """Three launches into one run directory (in this process, real files): a run, a relaunch that changes what
+    its state means (refused, nothing touched), a relaunch with harmless changes (resumes)."""
+    from focalnet.engine import train
+
     secret = "s3cr3t-t0ken-value"
-    env = {"FOCALNET_TEST_API_TOKEN": secret}
+    monkeypatch.setenv("FOCALNET_TEST_API_TOKEN", secret)
+    run_dir = tmp_path / "run"
     first = ["trainer.max_steps=4", "logger.wandb.mode=offline", "logger.wandb.name=${oc.env:FOCALNET_TEST_API_TOKEN}"]
-    code, out = finish(run_dir, first, env_extra=env)
-    assert code == 0, out[-3000:]
+
+    def launch_here(*overrides):
+        from conftest import TINY, compose_config
+
+        return train(compose_config([*TINY, *first, *overrides], run_dir))
+
+    launch_here()
     ckpt_mtime = (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns
     config_yaml = (run_dir / "config.yaml").read_text()
 
-    changed = ["optimizer=sgd", "data.img_size=64", "trainer.seed=1", "data.batch_size=8", "trainer.max_steps=6"]
-    code, out = finish(run_dir, [*first, *changed], env_extra=env)
-    assert code == 2, out[-3000:]
-    (line,) = error_lines(out)
+    with pytest.raises(ResumeRefused) as e:  # train.py: exit 2 with this one line
+        launch_here("optimizer=sgd", "data.img_size=64", "trainer.seed=1", "data.batch_size=8", "trainer.max_steps=6")
     for part in ("optimizer.name: 'adamw' -> 'sgd'", "data.img_size: 32 -> 64", "trainer.seed: 0 -> 1",
                  "total_batch: '16 (16 x 1 x 1)' -> '8 (8 x 1 x 1)'", "trainer.max_steps: 4 -> 6",
                  "trainer.resume_allow_changes=["):
-        assert part in line, line
-    assert "Traceback" not in out and (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns == ckpt_mtime
+        assert part in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns == ckpt_mtime
 
-    harmless = ["trainer.log_every=3", "trainer.eval_every=2", "data.num_workers=1", "trainer.device=cpu",
-                "trainer.ckpt_every_steps=2", "trainer.max_steps=6", "trainer.resume_allow_changes=[trainer.max_steps]"]
-    code, out = finish(run_dir, [*first, *harmless], env_extra=env)
-    assert code == 0, out[-3000:]
-    assert "resumed from" in (run_dir / "train.log").read_text()
+    launch_here("trainer.log_every=3", "trainer.eval_every=2", "data.num_workers=1", "trainer.device=cpu",
+                "trainer.ckpt_every_steps=2", "trainer.max_steps=6", "trainer.resume_allow_changes=[trainer.max_steps]")
     assert load_file(run_dir / "checkpoints" / "last.pt")["step"] == 6
+    assert any("resumed_from_step" in line for line in (run_dir / "metrics.jsonl").read_text().splitlines())
 
     # Every launch keeps its config; the first one's is never overwritten.
     assert (run_dir / "config.yaml").read_text() == config_yaml
-    launches = sorted(p.name for p in (run_dir / "launches").iterdir())
-    assert launches == ["001", "002"]  # the refused launch stopped before writing anything
+    assert sorted(p.name for p in (run_dir / "launches").iterdir()) == ["001", "002"]  # refused: wrote nothing
     assert "max_steps: 6" in (run_dir / "launches" / "002" / "config.yaml").read_text()
     # The secret reached the run through ${oc.env:...} but is in none of the files nor in W&B.
     written = [p for p in run_dir.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".pt", ".jsonl")]
@@ -355,20 +372,6 @@ def test_resume_auto_takes_the_newest_intact_checkpoint_and_names_every_bad_file
         find_resume_checkpoint(str(ck / "weights_only.pt"), tmp_path)
 
 
-@pytest.mark.slow
-def test_resume_auto_refuses_to_start_over_a_run_whose_checkpoints_are_all_unusable(tmp_path):
-    run_dir = tmp_path / "run"
-    assert finish(run_dir, ["trainer.max_steps=2"])[0] == 0
-    ck = run_dir / "checkpoints"
-    (ck / "last.pt").write_bytes((ck / "last.pt").read_bytes()[:1000])  # best.pt is another inode now: keep it
-    best = (ck / "best.pt").read_bytes()
-    (ck / "best.pt").write_bytes(best[:-10])
-    code, out = finish(run_dir, ["trainer.max_steps=4"])
-    assert code == 2 and len(error_lines(out)) == 1, out[-3000:]
-    assert f"{ck / 'last.pt'} is corrupt" in out and "Traceback" not in out
-    assert (ck / "best.pt").read_bytes() == best[:-10]  # untouched
-
-
 # -- item 5: divergence and NaN config -----------------------------------------------------------------------------
 
 
@@ -394,11 +397,18 @@ def test_fp16_divergence_stops_with_exit_3_and_non_finite_weights_are_never_save
     weights = focalnet.create_model("focalnet_micro", num_classes=10).state_dict()
     save_atomic({"model": {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in weights.items()}},
                 tmp_path / "nan.pt")
-    proc = subprocess.run([PYTHON, str(ROOT / "eval.py"), f"checkpoint={tmp_path / 'nan.pt'}", "model=focalnet_micro",
-                           "data=synthetic", "data.img_size=32", "data.val_size=16", "trainer.amp=none",
-                           "logger.wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'eval'}"],
-                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and "is NaN/inf" in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    from conftest import compose_config
+    from hydra import compose, initialize_config_dir
+
+    from focalnet.engine import evaluate
+
+    compose_config()  # registers the resolvers
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[
+            f"checkpoint={tmp_path / 'nan.pt'}", "model=focalnet_micro", "data=synthetic", "data.img_size=32",
+            "data.val_size=16", "trainer.amp=none", "logger.wandb.mode=disabled", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(CheckpointError, match=r"nan.pt: weight .* is NaN/inf"):  # eval.py: exit 2, one line
+        evaluate(cfg)
 
 
 # -- items 6, 7: hostile files, data-root errors, a full disk, orphans -------------------------------------------
@@ -442,7 +452,7 @@ def test_data_root_problems_are_one_line_naming_the_path(tmp_path, case):
             (root / "train" / "zz_empty").mkdir()
     expected = {"missing": "no such directory", "file": "is a file, not a directory", "empty": "no class folders",
                 "empty_class": "1 class folders of .* hold no images .* \\['zz_empty'\\]",
-                "val_class_not_in_train": "are not training classes"}[case]
+                "val_class_not_in_train": "are not in the label layout \\(the training classes"}[case]
     with pytest.raises(DataConfigError, match=expected) as e:
         folder_samples(OmegaConf.create({"name": "folder", "root": str(root)}))
     assert "\n" not in str(e.value) and str(root) in str(e.value)

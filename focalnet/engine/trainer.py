@@ -145,6 +145,14 @@ class TrainRun:
     as the loop benchmark build one directly and drive ``train_epoch``)."""
 
     def __init__(self, cfg: dict, info: D.DistInfo, preempt: _PreemptFlag | None = None):
+        self.lock = RunDirLock(Path(cfg["paths"]["output_dir"]).resolve())
+        try:
+            self._setup(cfg, info, preempt)
+        except BaseException:
+            self.lock.release()  # a refused or failed setup leaves the directory free at once
+            raise
+
+    def _setup(self, cfg: dict, info: D.DistInfo, preempt: _PreemptFlag | None) -> None:
         self.cfg, self.info = cfg, info
         self.resume_changes: dict = {}
         self.preempt = preempt or _PreemptFlag()  # not installed: signals keep their handlers
@@ -159,7 +167,6 @@ class TrainRun:
         self.public_cfg = redact_secrets(cfg)
         # One owner per run directory (rank 0 holds the lock for the job), then the checkpoint to continue from,
         # both before any work: a refusal comes in seconds and touches nothing.
-        self.lock = RunDirLock(self.run_dir)
         ckpt_path, ckpt = self._claim_run_dir()
         self.device = resolve_device(t["device"], info.local_rank)
         if self.device.type == "cuda":
