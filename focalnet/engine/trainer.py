@@ -1,15 +1,17 @@
 """``train(cfg)``: set up a run from the config, train with periodic validation and checkpoints, resume exactly.
 
-Order of work: validate the config -> join the process group -> data -> model (seeded identically on every
-rank; + init_from / resume state) -> EMA -> DDP -> torch.compile -> loggers -> per-rank seeds (seed + rank),
-or the checkpoint's RNG states on resume -> epochs.
+Order of work: validate the config -> join the process group -> lock the run directory and choose (and check)
+the checkpoint to resume -> data -> model (seeded identically on every rank; + init_from / resume state) -> EMA
+-> DDP -> torch.compile -> loggers -> per-rank seeds (seed + rank), or the checkpoint's RNG states on resume ->
+epochs.
 
 Exit protocol (used by train.py):
 * normal end: returns a summary dict (final validation metrics, step, run_dir).
-* SIGTERM/SIGINT/SIGUSR1/SIGUSR2 (SLURM preemption or time limit, Ctrl-C), sent to the training process alone
-  or to the whole job (data workers leave the shutdown to it: :func:`data.loaders.leave_shutdown_to_parent`): every rank finishes the current update, rank 0 writes ``last.pt``,
-  and :class:`TrainingPreempted` is raised; ``train.py`` exits with ``EXIT_PREEMPTED`` (75, ``EX_TEMPFAIL``:
-  "try again"). Relaunching with ``trainer.resume=auto`` in the same run dir continues exactly.
+* SIGTERM/SIGINT/SIGUSR1/SIGUSR2 (SLURM preemption or time limit, Ctrl-C), to the training process alone or to
+  the whole job (data workers leave the shutdown to it: :func:`data.loaders.leave_shutdown_to_parent`): every
+  rank finishes the current update, rank 0 writes ``last.pt``, and :class:`TrainingPreempted` is raised;
+  ``train.py`` exits with ``EXIT_PREEMPTED`` (75, ``EX_TEMPFAIL``: "try again"). Relaunching with
+  ``trainer.resume=auto`` in the same run dir continues exactly.
 * divergence (non-finite loss in fp32/bf16, ``trainer.max_nonfinite_updates`` skipped fp16 updates in a row,
   non-finite weights at a save): :class:`NonFiniteLossError`, ``train.py`` exits with ``EXIT_DIVERGED`` (3);
   the last checkpoint stays the last good state (non-finite weights are never written).
@@ -290,19 +292,20 @@ class TrainRun:
         except RuntimeError as e:
             raise CheckpointError(f"{path}: its weights do not fit model={self.cfg['model']['name']}: "
                                   f"{str(e).splitlines()[0]} ...") from None
+        # Accepted changes of the LR, the schedule or the batch: the new hyperparameters and the new schedule
+        # (a function of the config and the step) with the saved moments.
+        new_hyper = any(k.startswith(("optimizer.", "schedule.")) or k in (TOTAL_BATCH, "trainer.epochs",
+                                                                          "trainer.max_steps") for k in changed)
         if "optimizer.name" in changed:
             log.warning("optimizer changed: its state (moments) restarts from zero")
         else:
             fresh = [dict(g) for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(ckpt["optimizer"])
-            if any(k.startswith(("optimizer.", "schedule.")) or k in (TOTAL_BATCH, "trainer.epochs",
-                                                                      "trainer.max_steps") for k in changed):
-                for group, new in zip(self.optimizer.param_groups, fresh):  # the new hyperparameters, old moments
-                    group.update({k: v for k, v in new.items() if k != "params"})
+            for group, new in zip(self.optimizer.param_groups, fresh if new_hyper else ()):
+                group.update({k: v for k, v in new.items() if k != "params"})
         self.amp.load_state_dict(ckpt["scaler"])
-        if not any(k.startswith("schedule.") or k in (TOTAL_BATCH, "trainer.epochs", "trainer.max_steps",
-                                                      "optimizer.lr") for k in changed):
-            self.scheduler.load_state_dict(ckpt["scheduler"])  # else: the new schedule, at the saved step
+        if not new_hyper:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
         old_cfg, t = ckpt["config"], self.t
         old_world = int(ckpt.get("world_size", len(ckpt["rng"])))
         # The position in the epoch as samples seen, re-expressed in this launch's micro-batches (a different
