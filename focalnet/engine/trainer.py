@@ -124,7 +124,7 @@ class _PreemptFlag:
         """Pass the signal on to the handler installed before ours, once ``last.pt`` is saved: under
         hydra-submitit-launcher that is submitit's checkpoint-and-requeue (rank 0 requeues the job and exits)."""
         previous = self._previous.get(self.signum)
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:  # (that one raises KeyboardInterrupt)
             previous(self.signum, None)
 
     def __exit__(self, *exc):
