@@ -119,12 +119,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
 # without being read (a 12 GB sparse ".jpg" would otherwise be read whole into a worker's memory); an image
 # of more than MAX_IMAGE_PIXELS pixels is skipped before it is decoded (a decompression bomb: a small file
 # that decodes to gigabytes). 89,478,485 px is Pillow's own warning threshold (0.25 GiB at 24 bits/pixel,
-# ``PIL.Image.MAX_IMAGE_PIXELS``), here a hard limit; ImageNet's largest images are far below both.
+# ``PIL.Image.MAX_IMAGE_PIXELS``), made a hard limit here.
 MAX_FILE_BYTES = 256 << 20
 MAX_IMAGE_PIXELS = 89_478_485
 
 
-def open_image(path_or_bytes, max_file_bytes: int = MAX_FILE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def open_image(path_or_bytes, max_file_bytes: int = MAX_FILE_BYTES,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open (header only) whatever format the bytes hold: a PNG named ``.JPEG`` opens as the PNG it is.
 
     Raises :class:`BadImage` (skipped and counted by the datasets) for unreadable files and for files over the
