@@ -17,6 +17,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
 import focalnet
+from focalnet.engine.checkpointing import load_file
+from focalnet.models.checkpoint import model_name, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,8 @@ def init_weights_from(model: nn.Module, source, head: str = "auto", seed: int = 
         raise ValueError(f"trainer.init_head={head!r}; choose one of {', '.join(INIT_HEAD_MODES)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        result = focalnet.load_checkpoint(model, source, head=INIT_HEAD_MODES[head])
+        weights = read_weights(source, variant=model_name(model), torch_load=load_file)  # checksums verified
+        result = focalnet.load_checkpoint(model, weights, head=INIT_HEAD_MODES[head])
     log.info("initialized weights from %s (%s)", source, result)
     return result
 

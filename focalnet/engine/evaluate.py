@@ -45,7 +45,8 @@ from data.eval_sets import EVAL_SETS, EvalSet, build_eval_set
 from focalnet.engine import distributed as D
 from focalnet.engine.amp import AmpStep
 from focalnet.engine.build import build_model
-from focalnet.engine.config import ConfigError
+from focalnet.engine.checkpointing import first_non_finite, load_file
+from focalnet.engine.config import ConfigError, non_finite_numbers
 from focalnet.engine.loggers import RunLogger, provenance, write_run_files
 from focalnet.engine.loop import validate
 from focalnet.engine.trainer import resolve_device
@@ -116,6 +117,7 @@ def check_eval_config(cfg: DictConfig | Mapping) -> dict:
             v = tp[key]
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 errors.append(f"throughput.{key}={v!r} must be an integer >= {lo}")
+    errors += non_finite_numbers(c)
     if errors:
         raise ConfigError("invalid eval config:\n  " + "\n  ".join(errors))
     return c
@@ -136,7 +138,11 @@ def build_eval_model(cfg: dict, num_classes: int, *, load_weights: bool = True) 
     weights, official_sd, stored = None, None, None
     if cfg.get("checkpoint") is not None:
         variant = cfg["model"]["name"] if "model" in cfg else None
-        weights = read_weights(cfg["checkpoint"], cfg["weights"], variant=variant)
+        weights = read_weights(cfg["checkpoint"], cfg["weights"], variant=variant, torch_load=load_file)
+        bad = first_non_finite(weights.state_dict)
+        if bad is not None:  # a diverged model scores at chance: an error, not a number
+            raise CheckpointError(f"{weights.source}: weight {bad} ({weights.key or 'state dict'}) is NaN/inf: this "
+                                  f"checkpoint comes from a diverged run; evaluate an earlier one")
         official_sd, stored = weights.official(), weights.train_config
         report.update(checkpoint=weights.source, weights=weights.key or "state_dict", ema_available=weights.has_ema,
                       format=weights.format)

@@ -113,7 +113,7 @@ class Weights:
         return None
 
 
-def _load_file(path: Path):
+def _load_file(path: Path, torch_load=None):
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -122,6 +122,8 @@ def _load_file(path: Path):
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if torch_load is not None:
+        return torch_load(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -134,19 +136,21 @@ def _load_file(path: Path):
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).strip().splitlines()[0]})") from None
 
 
-def read_weights(source, key: str = "model", *, variant: str | None = None) -> Weights:
+def read_weights(source, key: str = "model", *, variant: str | None = None, torch_load=None) -> Weights:
     """Read a SOURCE (or an already-loaded dict) into :class:`Weights`; nothing is converted yet.
 
     ``key``: the entry of a checkpoint dict to use: ``"model"``, ``"ema"`` (our EMA weights; an error if absent),
     or ``"auto"`` (``model``, else the one entry holding weights, else a bare state dict). Bare state dicts
     (official, timm, transformers files) are used as they are. ``variant`` gives meaning to ``true``/tags.
+    ``torch_load(path)`` reads torch files instead of ``torch.load(weights_only=True)`` (the engine passes its
+    checksum-verifying ``load_file``).
     """
     hub_config = None
     if isinstance(source, Mapping):
         obj, label = source, "state_dict"
     else:
         found = resolve(source, variant=variant)
-        obj, label, hub_config = _load_file(found.weights), found.source, found.config
+        obj, label, hub_config = _load_file(found.weights, torch_load), found.source, found.config
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{label}: expected a dict, got {type(obj).__name__}")
 
