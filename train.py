@@ -20,9 +20,10 @@ a requeued/restarted job finds its ``checkpoints/last.pt`` again with ``trainer.
 ``scripts/launch_torchrun.sh`` exports FOCALNET_RUN_ID (the rendezvous id on several nodes), so relaunching resumes.
 Sweep from outside torchrun: ``-m`` inside torchrun makes every rank run the whole sweep.
 
-Exit codes: 0 done; 1 error (Hydra: unknown override key); 2 invalid config (the message names the key and
-the allowed values); 75 (EX_TEMPFAIL) stopped by
-SIGTERM/SIGUSR1/SIGUSR2 after saving ``checkpoints/last.pt`` — relaunch the same command to continue exactly.
+Exit codes: 0 done; 1 error (Hydra: unknown override key); 2 a problem the user can fix, in one line naming the
+key or path (invalid config, data root, corrupt or unusable checkpoint, run directory in use, a resume that
+changes the run, a full disk); 3 training diverged (NaN/inf); 75 (EX_TEMPFAIL) stopped by
+SIGTERM/SIGINT/SIGUSR1/SIGUSR2 after saving ``checkpoints/last.pt`` — relaunch the same command to continue exactly.
 
 ``pip install .`` installs this command as ``focalnet-train`` (same overrides, any directory); both run
 :func:`focalnet.cli.train`.

@@ -34,10 +34,13 @@ import os
 from collections.abc import Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from focalnet.data.loaders import EpochLoader, Loaders
 from focalnet.data.transforms import (
+    MAX_FILE_BYTES,
+    MAX_IMAGE_PIXELS,
     BadImage,
     BatchFinisher,
     EvalSampleTransform,
@@ -67,16 +70,33 @@ def require_root(data_cfg) -> str:
             f"data.root is not set for data={data_cfg.name}: pass data.root=/path/to/dataset"
             + (" (or set IMAGENET_ROOT)" if str(data_cfg.name).startswith("imagenet") else ""))
     root = os.path.expanduser(str(root))
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataConfigError(f"data.root={root} is a file, not a directory: point data.root at the dataset folder")
     if not os.path.isdir(root):
         raise DataConfigError(f"data.root={root}: no such directory")
     return root
+
+
+def _entries(directory: str, want_dir: bool) -> list[str]:
+    """Sorted names of the sub-directories (or files) of ``directory``; entries that cannot be resolved (a
+    symlink loop, a dangling link) are skipped with a warning instead of stopping the scan."""
+    names, broken = [], []
+    for e in os.scandir(directory):
+        try:
+            if (e.is_dir() if want_dir else e.is_file()) and not e.name.startswith("."):
+                names.append(e.name)
+        except OSError as err:  # ELOOP: a symlink loop
+            broken.append(f"{e.name} ({err.strerror})")
+    if broken:
+        log.warning("%s: skipped %d unresolvable entries: %s", directory, len(broken), ", ".join(broken[:5]))
+    return sorted(names)
 
 
 def list_classes(split_dir: str, key: str) -> list[str]:
     """Sorted class folder names under ``split_dir``; ``key`` names the config key for the message."""
     if not os.path.isdir(split_dir):
         raise DataConfigError(f"{key}: no such directory {split_dir}")
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    classes = _entries(split_dir, want_dir=True)
     if not classes:
         raise DataConfigError(f"{key}: {split_dir} has no class folders (expected {split_dir}/<class>/<image>)")
     return classes
@@ -86,25 +106,37 @@ def count_classes(root: str | None, split: str = "train") -> int:
     """OmegaConf resolver ``${folder_num_classes:${data.root},${data.train_split}}`` for ``data=folder``."""
     if not root:
         raise DataConfigError("data.root is not set: data=folder infers data.num_classes from data.root")
-    return len(list_classes(os.path.join(os.path.expanduser(str(root)), str(split)),
-                            "data.root/data.train_split"))
+    root = require_root({"root": root, "name": "folder"})
+    return len(list_classes(os.path.join(root, str(split)), "data.root/data.train_split"))
 
 
-def scan_folder(split_dir: str, key: str, class_to_idx: dict[str, int] | None = None) -> tuple[list[str], list[Sample]]:
-    """``split_dir/<class>/<image>`` -> (class names, [(path, label)]) in a deterministic order."""
+def scan_folder(split_dir: str, key: str, class_to_idx: dict[str, int] | None = None, *,
+                allow_empty_classes: bool = False) -> tuple[list[str], list[Sample]]:
+    """``split_dir/<class>/<image>`` -> (class names, [(path, label)]) in a deterministic order.
+
+    A class folder without images is an error unless ``allow_empty_classes`` (evaluation splits): training
+    would give the head a class it never sees.
+    """
     classes = list_classes(split_dir, key)
     if class_to_idx is None:
         class_to_idx = {c: i for i, c in enumerate(classes)}
     else:
         unknown = [c for c in classes if c not in class_to_idx]
         if unknown:
-            raise DataConfigError(f"{key}: {len(unknown)} folders in {split_dir} are not in the label layout "
-                                  f"(data.label_layout), e.g. {unknown[:3]}")
+            raise DataConfigError(f"{key}: {len(unknown)} class folders of {split_dir} are not in the label layout "
+                                  f"(the training classes, or data.label_layout), e.g. {unknown[:3]}: remove them "
+                                  f"or fix data.root")
     samples: list[Sample] = []
+    empty = []
     for c in classes:
         d = os.path.join(split_dir, c)
-        files = sorted(e.name for e in os.scandir(d) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        files = [f for f in _entries(d, want_dir=False) if f.lower().endswith(IMG_EXTENSIONS)]
+        empty += [c] if not files else []
         samples += [(os.path.join(d, f), class_to_idx[c]) for f in files]
+    if empty and samples and not allow_empty_classes:
+        raise DataConfigError(f"{key}: {len(empty)} class folders of {split_dir} hold no images "
+                              f"({', '.join(IMG_EXTENSIONS)}), e.g. {empty[:3]}: add images or remove the folders "
+                              f"(the model would get {len(classes)} classes, {len(empty)} never seen)")
     if not samples:
         raise DataConfigError(f"{key}: no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}")
     return classes, samples
@@ -171,8 +203,9 @@ class ImageFileDataset(Dataset):
     output depends only on the key: identical across workers, ranks and resumes.
     """
 
-    def __init__(self, samples: list[Sample], transform, *, name: str = "dataset"):
+    def __init__(self, samples: list[Sample], transform, *, name: str = "dataset", limits: dict | None = None):
         self.samples, self.transform, self.name = samples, transform, name
+        self.limits = limits or {}  # open_image's max_file_bytes / max_pixels (see file_limits)
         # Shared memory: workers are separate processes, and the count must reach the main process.
         self._skipped = mp.get_context().Value("q", 0)
 
@@ -186,7 +219,7 @@ class ImageFileDataset(Dataset):
             try:
                 # In a worker process nobody else reads the global RNGs: seed without save/restore.
                 with seeded(seed, preserve=get_worker_info() is None):
-                    image = self.transform(open_image(path))
+                    image = self.transform(open_image(path, **self.limits))
                 return image, label, seed
             except BadImage as e:
                 with self._skipped.get_lock():
@@ -209,12 +242,24 @@ class FolderEpochLoader(EpochLoader):
         self.finisher = finisher
 
 
+def file_limits(data: DataConfig) -> dict:
+    """``open_image`` limits from ``data.max_file_mb`` and ``data.max_image_pixels`` (folder pipelines; eval sets
+    read with other pipelines get the defaults, :data:`focalnet.data.transforms.MAX_FILE_BYTES`/``MAX_IMAGE_PIXELS``)."""
+    mb = getattr(data, "max_file_mb", MAX_FILE_BYTES >> 20)
+    limits = {"max_file_bytes": mb << 20, "max_pixels": getattr(data, "max_image_pixels", MAX_IMAGE_PIXELS)}
+    # Pillow refuses images above twice its own limit before we can look: keep it out of the way of ours.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, limits["max_pixels"])
+    return limits
+
+
 def make_loaders(train_samples: list[Sample], val_samples: list[Sample], num_classes: int, data: ImageFolderData,
                  aug: AugConfig, *, rank: int, world_size: int, seed: int, info: dict | None = None) -> Loaders:
     size = data.img_size
-    train_ds = ImageFileDataset(train_samples, TrainSampleTransform(aug, size), name=f"{data.name}/train")
+    limits = file_limits(data)
+    train_ds = ImageFileDataset(train_samples, TrainSampleTransform(aug, size), name=f"{data.name}/train",
+                                limits=limits)
     val_ds = ImageFileDataset(val_samples, EvalSampleTransform(size, aug.test_crop, aug.interpolation),
-                              name=f"{data.name}/val")
+                              name=f"{data.name}/val", limits=limits)
     common = dict(batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
                   num_workers=data.num_workers, persistent_workers=data.persistent_workers)
     return Loaders(
@@ -240,7 +285,8 @@ def folder_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
     if val_count > 0:
         train, val = hold_out(train, val_count, "data.val_count")
     elif os.path.isdir(val_dir):
-        _, val = scan_folder(val_dir, "data.root/data.val_split", {c: i for i, c in enumerate(classes)})
+        _, val = scan_folder(val_dir, "data.root/data.val_split", {c: i for i, c in enumerate(classes)},
+                             allow_empty_classes=True)
     else:
         raise DataConfigError(f"data.root/data.val_split: no such directory {val_dir} "
                               "(add it, or hold out training images with data.val_count=N)")
@@ -283,7 +329,7 @@ def imagenet22k_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
             check_num_classes(data_cfg, len(class_to_idx), f"data.label_layout={layout}")
             _, train = scan_folder(train_dir, "data.root/data.train_split", class_to_idx)
         if os.path.isdir(val_dir) and not data_cfg.val_count:
-            _, val = scan_folder(val_dir, "data.root/data.val_split", class_to_idx)
+            _, val = scan_folder(val_dir, "data.root/data.val_split", class_to_idx, allow_empty_classes=True)
     if val is None:
         count = data_cfg.val_count
         if count <= 0:

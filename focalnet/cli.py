@@ -11,6 +11,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from focalnet.engine.distributed import register_resolvers
 from focalnet.layout import CONF_DIR
@@ -20,16 +21,32 @@ register_resolvers()  # ${run_id:} and ${rank_suffix:} are used by the hydra sec
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def train(cfg: DictConfig) -> float | None:
-    from focalnet.engine import EXIT_PREEMPTED, ConfigError, TrainingPreempted
+    from focalnet.engine import (
+        EXIT_DIVERGED,
+        EXIT_PREEMPTED,
+        CheckpointWriteError,
+        ConfigError,
+        NonFiniteLossError,
+        TrainingPreempted,
+    )
     from focalnet.engine import train as run_training
+    from focalnet.models.checkpoint import CheckpointError
 
-    OmegaConf.resolve(cfg)          # ${hydra:...} and interpolations, once, on this rank
-    OmegaConf.set_readonly(cfg, True)
     try:
+        OmegaConf.resolve(cfg)      # ${hydra:...} and interpolations (data=folder counts classes), once, here
+        OmegaConf.set_readonly(cfg, True)
         result = run_training(cfg)
-    except ConfigError as e:        # the message names the key and what is allowed; no traceback needed
+    except (ConfigError, CheckpointError, CheckpointWriteError, InterpolationResolutionError) as e:
+        # Fixable by the user (config, data, checkpoint, run directory, disk): one line naming the key or path.
+        if isinstance(e, InterpolationResolutionError):  # a resolver's error (data=folder's class count)
+            e = e.__cause__ or e.__context__
+            if not isinstance(e, ConfigError):
+                raise
         logging.getLogger("train").error("%s", e)
         sys.exit(2)
+    except NonFiniteLossError as e:
+        logging.getLogger("train").error("%s", e)
+        sys.exit(EXIT_DIVERGED)
     except TrainingPreempted as e:
         logging.getLogger("train").warning("%s", e)
         sys.exit(EXIT_PREEMPTED)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ class ModelConfig:
     library: Literal["focalnet", "timm"] = "focalnet"
     num_classes: int = value("${data.num_classes}", ge=1)
     drop_path_rate: float = value(0.1, ge=0, le=1)    # each model's paper value is in conf/model/<name>.yaml
+    # weights to start from: true / a tag, a file or directory, hf-hub:ORG/REPO[@REV], a URL (focalnet.models.sources)
+    pretrained: str | bool | None = None
     grad_checkpointing: bool = "${trainer.grad_checkpointing}"
     kwargs: dict[str, Any] = value({})               # extra create_model overrides, e.g. {use_layerscale: true}
 
@@ -93,6 +96,9 @@ class ImageFolderData(_Splits, DataConfig):
     """``data=imagenet1k|folder``: ``${data.root}/${data.train_split}/<class>/<image>`` (and the val split)."""
 
     persistent_workers: bool = True
+    max_file_mb: int = value(256, ge=1)               # larger files are skipped and counted without being read
+    # larger images are skipped and counted before decoding (Pillow's decompression-bomb threshold)
+    max_image_pixels: int = value(89478485, ge=1)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -240,8 +246,10 @@ class TrainerConfig:
     compile: bool = False
     channels_last: bool = False
     grad_checkpointing: bool = False
-    resume: str | None = "auto"                       # auto (last.pt of this run dir, if any) | PATH | null
-    init_from: str | None = None                      # pretrained weights only (fine-tuning): PATH
+    resume: str | None = "auto"                       # auto (newest intact checkpoint of this run dir) | PATH | null
+    resume_allow_changes: list[str] = value([])       # keys a resume may change although they change the saved state
+    max_nonfinite_updates: int = value(20, ge=1)      # fp16: stop after this many consecutive NaN/inf-skipped updates
+    init_from: str | bool | None = None               # pretrained weights only (fine-tuning): a weight SOURCE
     init_head: Literal["auto", "keep", "reinit", "slice_22k_to_1k"] = "auto"  # head handling for init_from
     ckpt_every_steps: int | None = value(1000, ge=1)  # also write checkpoints/last.pt every N updates
     save_epoch_ckpts: bool = False                    # also keep checkpoints/epoch_N.pt
@@ -311,7 +319,8 @@ class ThroughputConfig:
 class EvalOptions:
     """eval.py's own keys (conf/eval.yaml)."""
 
-    checkpoint: str | None = None                     # our .pt, an official microsoft/FocalNet .pth, timm weights
+    checkpoint: str | bool | None = None              # a weight SOURCE: our .pt, an official .pth, timm/transformers
+    #                                                   files, hf-hub:ORG/REPO, a URL, or true/a tag with model=NAME
     weights: Literal["auto", "model", "ema"] = "auto"  # auto: the `model` entry, else a bare state dict
     mode: Literal["accuracy", "throughput"] = "accuracy"
     eval_set: EvalSetName = "val"                         # val: data.val_split as the data config builds it
@@ -372,8 +381,9 @@ def _describe(tp, meta: Mapping) -> str:
     if origin is Literal:
         return "one of: " + ", ".join(str(a) for a in args)
     if type(None) in args:
-        inner = [a for a in args if a is not type(None)]
-        return "null or " + _describe(inner[0], meta)
+        return "null or " + _describe(_without_none(args), meta)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, meta) for a in args)
     if origin is list:
         n = f"{meta['length']} " if "length" in meta else ""
         return f"a list of {n}values, each {_describe(args[0], {k: v for k, v in meta.items() if k != 'length'})}"
@@ -390,6 +400,12 @@ def _describe(tp, meta: Mapping) -> str:
     return "anything but NaN or inf"
 
 
+def _without_none(args: tuple) -> Any:
+    """The type ``T | None`` allows besides None (a union when there are several)."""
+    inner = tuple(a for a in args if a is not type(None))
+    return inner[0] if len(inner) == 1 else typing.Union[inner]  # noqa: UP007  (built from a tuple)
+
+
 def _in_bounds(v: float, meta: Mapping) -> bool:
     return not (("ge" in meta and v < meta["ge"]) or ("gt" in meta and v <= meta["gt"])
                 or ("le" in meta and v > meta["le"]) or ("lt" in meta and v >= meta["lt"]))
@@ -400,7 +416,9 @@ def _fits(v, tp, meta: Mapping) -> bool:
     if origin is Literal:
         return v in args and type(v) in {type(a) for a in args}
     if type(None) in args:
-        return v is None or _fits(v, next(a for a in args if a is not type(None)), meta)
+        return v is None or _fits(v, _without_none(args), meta)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(v, a, meta) for a in args)
     if origin is list:
         inner = {k: x for k, x in meta.items() if k != "length"}
         return (isinstance(v, list | tuple) and ("length" not in meta or len(v) == meta["length"])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from focalnet.models.sources import check_source
 from focalnet.schema import ConfigError, EvalConfig, TrainConfig, check
 
 __all__ = ["ConfigError", "validate_config", "validate_eval_config", "scaled_lrs"]
@@ -67,18 +68,29 @@ def _cross_checks(c: dict) -> list[str]:
     errors += _device_checks(t)
     if t["resume"] not in (None, "auto") and not os.path.isfile(t["resume"]):
         errors.append(f"trainer.resume={t['resume']!r}: no such file (use auto, null or a checkpoint path)")
-    if t["init_from"] is not None and not os.path.isfile(t["init_from"]):
-        errors.append(f"trainer.init_from={t['init_from']!r}: no such file")
+    model, library = c["model"], c["model"]["library"]
+    pretrained = model.get("pretrained")
+    for key, source in (("trainer.init_from", t["init_from"]), ("model.pretrained", pretrained)):
+        if key == "model.pretrained" and library == "timm":
+            continue  # timm resolves its own weights (tags, hf-hub ids, files)
+        problem = check_source(source, model["name"])
+        if problem:
+            errors.append(f"{key}={source!r}: {problem}")
+    if t["init_from"] is not None and pretrained not in (None, False):
+        errors.append(f"trainer.init_from={t['init_from']!r} and model.pretrained={pretrained!r}: set one of them "
+                      f"(both start the run from pretrained weights)")
     return errors
 
 
 def _eval_cross_checks(c: dict) -> list[str]:
     errors = []
     ckpt = c["checkpoint"]
-    if ckpt is not None and not Path(ckpt).is_file():
-        errors.append(f"checkpoint={ckpt!r}: no such file")
+    problem = check_source(ckpt, c["model"]["name"] if c.get("model") else None) if ckpt is not None else None
+    if problem:
+        errors.append(f"checkpoint={ckpt!r}: {problem}")
     if c["mode"] == "accuracy" and ckpt is None:
-        errors.append("checkpoint is not set: pass checkpoint=PATH (our .pt, an official .pth or a timm state dict)")
+        errors.append("checkpoint is not set: pass checkpoint=SOURCE (our .pt, an official .pth, a timm or "
+                      "transformers file or directory, hf-hub:ORG/REPO, a URL, or true with model=NAME)")
     if c["real_labels"] is not None and not Path(c["real_labels"]).is_file():
         errors.append(f"real_labels={c['real_labels']!r}: no such file")
     if c["mode"] == "throughput" and ckpt is None and c.get("model") is None:

@@ -368,6 +368,8 @@ class FocalNet(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         # Official init: Linear trunc_normal(.02)/zero bias, LayerNorm 1/0, convs keep PyTorch's default.
+        if getattr(m, "weight", None) is not None and m.weight.is_meta:
+            return  # a meta-device model (shapes only) has no values to draw
         if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:

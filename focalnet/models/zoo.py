@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from focalnet.models.checkpoint import load_checkpoint
 from focalnet.models.focalnet import FocalNet
 from focalnet.models.registry import register_model
 from focalnet.ops.cpu import use_cpu_kernels
@@ -56,18 +55,12 @@ for _size in ("tiny", "small", "base"):
 
 
 def _create(name: str, overrides: dict) -> FocalNet:
-    """Build a variant; ``overrides`` replace its defaults (``checkpoint_path`` loads weights after).
+    """Build a variant; ``overrides`` replace its defaults (weights: ``create_model(name, pretrained=...)``).
 
     ``cpu_kernels`` (default true) swaps in the CPU fp32 kernels of :mod:`focalnet.ops.cpu`, which leave every
     other device and dtype to the plain model code; false builds the plain model.
     """
-    checkpoint_path = overrides.pop("checkpoint_path", None)
     cpu_kernels = overrides.pop("cpu_kernels", True)
-    if overrides.pop("pretrained", False):
-        raise ValueError(
-            f"{name}: no weights are downloaded (the official links are dead); download a .pth yourself and "
-            f"pass checkpoint_path=... or call focalnet.load_checkpoint(model, path)"
-        )
     kwargs = dict(_CONFIGS[name])
     kwargs.update(overrides)
     # Per-stage lists given as a scalar (e.g. focal_levels=3) apply to every stage.
@@ -76,11 +69,8 @@ def _create(name: str, overrides: dict) -> FocalNet:
         if isinstance(kwargs.get(key), int):
             kwargs[key] = (kwargs[key],) * n
     model = FocalNet(**kwargs)
-    model.default_cfg = dict(architecture=name)
     if cpu_kernels:
         use_cpu_kernels(model)
-    if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path, head="auto")
     return model
 
 
