@@ -44,7 +44,7 @@ from focalnet.data.randaugment import fast_rand_augment, warm_up
 from focalnet.schema import AugConfig, parse
 
 
-def _posterize_any_pillow(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
+def _posterize_pre_pillow13(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
     """timm's posterize with Pillow < 13 semantics: RandAugment's PosterizeIncreasing reaches 0 bits at
     magnitude 10 (m9 + mstd 0.5 gets there), which Pillow 13 rejects; Pillow < 13 returned a black image."""
     if bits_to_keep >= 8:
@@ -54,8 +54,23 @@ def _posterize_any_pillow(img: Image.Image, bits_to_keep: int, **__) -> Image.Im
     return ImageOps.posterize(img, bits_to_keep)
 
 
-for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-    _auto_augment.NAME_TO_OP[_name] = _posterize_any_pillow
+_POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
+
+
+def use_pre_pillow13_posterize(transform):
+    """Give the posterize ops inside ``transform`` (a timm ``AugmentOp``, ``RandAugment``, ``AutoAugment``,
+    ``AugMixAugment`` or a ``Compose`` of them) Pillow < 13 semantics, on these objects only (timm's op table is
+    left alone); returns ``transform``."""
+    if isinstance(transform, _auto_augment.AugmentOp):
+        if transform.name in _POSTERIZE_OPS:
+            transform.aug_fn = _posterize_pre_pillow13
+        return transform
+    children = [*getattr(transform, "transforms", ()), *getattr(transform, "ops", ()),
+                *(op for sub in getattr(transform, "policy", ()) for op in sub)]  # AutoAugment: lists of ops
+    for child in children:
+        use_pre_pillow13_posterize(child)
+    return transform
+
 
 _NEAREST = TF.InterpolationMode.NEAREST
 _TORCH_MODES = {TF.InterpolationMode.BICUBIC: "bicubic", TF.InterpolationMode.BILINEAR: "bilinear", _NEAREST: "nearest"}
@@ -197,7 +212,7 @@ def timm_train_stages(aug: AugConfig, img_size: int):
         img_size, is_training=True, auto_augment=aug.auto_augment or None, color_jitter=aug.color_jitter or None,
         interpolation=aug.interpolation, hflip=aug.hflip, scale=aug.scale, ratio=aug.ratio,
         re_prob=0.0, use_prefetcher=True, separate=True)
-    return primary, secondary
+    return primary, use_pre_pillow13_posterize(secondary)
 
 
 class TrainSampleTransform:

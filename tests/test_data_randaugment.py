@@ -17,10 +17,10 @@ from PIL import Image
 from timm.data import auto_augment as aa
 from timm.data import create_transform
 
-import focalnet.data.transforms  # noqa: F401  (timm's posterize with Pillow < 13 semantics, as the pipeline uses)
+import focalnet.data.transforms
 from focalnet.data.imagegen import natural_image
 from focalnet.data.randaugment import ARRAY_OPS, fast_rand_augment
-from focalnet.data.transforms import TrainSampleTransform, seeded
+from focalnet.data.transforms import TrainSampleTransform, seeded, use_pre_pillow13_posterize
 
 RECIPE = "rand-m9-mstd0.5-inc1"
 
@@ -35,14 +35,14 @@ def _images(n=4, size=(96, 80)):
 def _timm_ra(auto_augment=RECIPE, interpolation="bicubic", size=80):
     _, secondary, _ = create_transform(size, is_training=True, auto_augment=auto_augment,
                                        interpolation=interpolation, separate=True)
-    return secondary.transforms[0]
+    return use_pre_pillow13_posterize(secondary.transforms[0])  # Pillow < 13 posterize, as the pipeline uses
 
 
 @pytest.mark.parametrize("name", sorted(ARRAY_OPS))
 def test_each_array_op_is_pixel_exact_against_timm_pil(name):
     hparams = _timm_ra().ops[0].hparams  # timm's hparams for the recipe: fill = mean colour, bicubic
     for magnitude in (0, 3, 9, 10):
-        ref_op = aa.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=hparams)
+        ref_op = use_pre_pillow13_posterize(aa.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=hparams))
         fast_op = aa.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=hparams)
         fast_op.aug_fn = ARRAY_OPS[name]
         for i, arr in enumerate(_images()):
