@@ -144,14 +144,14 @@ def build_eval_set(name: str, data_cfg, aug_cfg=None, *, root: str | None = None
     if name == "val":
         if data.name in ("imagenet1k", "folder") and not data.val_count:
             val_dir, classes = _imagenet_val_split(data)
-            check_num_classes(data, len(classes), f"the class folders of data.root ({len(classes)})")
+            num_classes = check_num_classes(data, len(classes), f"the class folders of data.root ({len(classes)})")
             _, samples = scan_folder(val_dir, "data.root/data.val_split", {c: i for i, c in enumerate(classes)},
                                      allow_empty_classes=True)
             loader = eval_loader(samples, data, aug, name=f"{data.name}/val", **common)
-            return EvalSet("val", loader, data.num_classes, len(samples), class_names=classes)
+            return EvalSet("val", loader, num_classes, len(samples), class_names=classes)
         # Any other pipeline (synthetic, FFCV, 22K map files, held-out val): exactly the training val loader.
         loaders = build_loaders(data, aug, **common)
-        return EvalSet("val", loaders.val, data.num_classes, int(loaders.info.get("val_size", -1)))
+        return EvalSet("val", loaders.val, loaders.num_classes, int(loaders.info.get("val_size", -1)))
 
     if name == "real":
         val_dir = root or _imagenet_val_split(data)[0]

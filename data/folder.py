@@ -64,11 +64,16 @@ class DataConfigError(ConfigError):
 
 # ----------------------------------------------------------------------------------------------- scanning
 def require_root(data_cfg) -> str:
-    root = data_cfg.root
+    """``data.root`` of ``data_cfg``, expanded, once it is known to be a directory."""
+    return check_root(data_cfg.root, data_cfg.name)
+
+
+def check_root(root: str | None, name: str) -> str:
+    """``root`` (the ``data.root`` of ``data=name``), expanded, once it is known to be a directory."""
     if not root:
         raise DataConfigError(
-            f"data.root is not set for data={data_cfg.name}: pass data.root=/path/to/dataset"
-            + (" (or set IMAGENET_ROOT)" if str(data_cfg.name).startswith("imagenet") else ""))
+            f"data.root is not set for data={name}: pass data.root=/path/to/dataset"
+            + (" (or set IMAGENET_ROOT)" if str(name).startswith("imagenet") else ""))
     root = os.path.expanduser(str(root))
     if os.path.exists(root) and not os.path.isdir(root):
         raise DataConfigError(f"data.root={root} is a file, not a directory: point data.root at the dataset folder")
@@ -106,7 +111,7 @@ def count_classes(root: str | None, split: str = "train") -> int:
     """OmegaConf resolver ``${folder_num_classes:${data.root},${data.train_split}}`` for ``data=folder``."""
     if not root:
         raise DataConfigError("data.root is not set: data=folder infers data.num_classes from data.root")
-    root = require_root({"root": root, "name": "folder"})
+    root = check_root(root, "folder")
     return len(list_classes(os.path.join(root, str(split)), "data.root/data.train_split"))
 
 
@@ -181,7 +186,7 @@ def hold_out(samples: list[Sample], count: int, key: str) -> tuple[list[Sample],
 
 def check_num_classes(data_cfg, found: int, where: str) -> int:
     expected = data_cfg.num_classes
-    if expected != found:
+    if expected is not None and expected != found:  # None (data=folder from Python): the folders decide
         raise DataConfigError(
             f"{where} has {found} classes but data.num_classes={expected} (model.num_classes defaults to it); "
             f"set data.num_classes={found} or fix data.root")

@@ -102,6 +102,14 @@ class ImageFolderData(_Splits, DataConfig):
 
 
 @dataclass(kw_only=True, frozen=True)
+class FolderData(ImageFolderData):
+    """``data=folder``: any ImageFolder; ``num_classes`` is the number of class folders (conf/data/folder.yaml
+    infers it; null, e.g. from Python, takes it from the folders)."""
+
+    num_classes: int | None = value(None, ge=1)
+
+
+@dataclass(kw_only=True, frozen=True)
 class ImageNet22kData(ImageFolderData):
     """``data=imagenet22k``: synset folders or Swin/FocalNet map files, FocalNet's 21842-way label layout."""
 
@@ -124,6 +132,7 @@ class FFCVData(DataConfig):
 
 @dataclass(kw_only=True, frozen=True)
 class _DigitsFiles:
+    num_classes: int = value(10, ge=1)                # the ten digits
     store_size: int = value(64, ge=8)                 # px of the written JPEGs (8x8 scans upscaled bicubic)
     val_fraction: float = value(0.2, gt=0, lt=1)      # of every class, held out for val/ (fixed generator)
     jpeg_quality: int = value(95, ge=1, le=100)
@@ -152,7 +161,7 @@ class SyntheticData(DataConfig):
 
 # data.name -> its keys (conf/data/<option>.yaml sets data.name; focalnet.data.build_loaders has the builders)
 DATA_SCHEMAS: dict[str, type[DataConfig]] = {
-    "imagenet1k": ImageFolderData, "folder": ImageFolderData, "imagenet22k": ImageNet22kData,
+    "imagenet1k": ImageFolderData, "folder": FolderData, "imagenet22k": ImageNet22kData,
     "imagenet1k_ffcv": FFCVData, "imagenet22k_ffcv": FFCVData, "ffcv": FFCVData,
     "digits": DigitsData, "digits_ffcv": DigitsFFCVData, "synthetic": SyntheticData,
 }
