@@ -126,7 +126,13 @@ def test_pip_install_gives_commands_that_work_from_any_directory(tmp_path):
     out = run(bin_dir / "focalnet-eval", "checkpoint=run/checkpoints/last.pt", *SMALL[1:6], "trainer.amp=none",
               "trainer.device=cpu", "hydra.run.dir=eval")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads((project / "eval" / "eval.json").read_text())["count"] == 32
+    result = json.loads((project / "eval" / "eval.json").read_text())
+    assert result["count"] == 32 and f"top1 {result['top1']:.3f}" in out.stdout  # printed and written
+    assert (project / "eval" / "provenance.json").exists() and (project / "eval" / "config.yaml").exists()
 
+    # Bad config: exit 2, one line naming the key, no traceback (both commands).
     out = run(bin_dir / "focalnet-train", *SMALL, "trainer.amp=fp8", "hydra.run.dir=bad")
     assert out.returncode == 2 and "trainer.amp='fp8' is not allowed" in out.stdout + out.stderr
+    out = run(bin_dir / "focalnet-eval", *SMALL[1:6], "hydra.run.dir=bad_eval")
+    assert out.returncode == 2 and "checkpoint is not set" in out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
