@@ -71,7 +71,7 @@ def make_run(args, run_dir: str, clip_grad: float | None) -> TrainRun:
     with open_dict(cfg):
         cfg.paths.output_dir = run_dir
     run = TrainRun(validate_config(cfg), DistInfo())
-    run.pbar = run.make_progress_bar(file=open(os.devnull, "w"))  # a live bar, printed nowhere
+    run.progress = run.make_progress(interactive=True, file=open(os.devnull, "w")).__enter__()  # a live bar
     return run
 
 

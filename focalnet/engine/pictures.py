@@ -9,32 +9,39 @@
   epochs.
 * ``inputs.png``: the first augmented training batch as the model receives it (:func:`input_grid`).
 
-matplotlib draws with its Agg backend (files only, no display).
+matplotlib draws through its object API (no pyplot: no display, no global state), so the trainer draws
+in a background thread while training goes on.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+log = logging.getLogger(__name__)
+
 # ---- learning curves ------------------------------------------------------------------------------------
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The JSON records of ``metrics.jsonl``; a truncated last line (a killed run) is ignored."""
+    """The JSON records of ``metrics.jsonl``; a truncated last line (a live or killed run) is ignored."""
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            print(f"{path}:{n}: skipping an unreadable line", file=sys.stderr)
+            if n < len(lines):  # the last line may be half-written (a live run) or cut (a killed one)
+                print(f"{path}:{n}: skipping an unreadable line", file=sys.stderr)
     return records
 
 
@@ -51,10 +58,7 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_metrics(records: list[dict], out: Path, title: str = "") -> Path:
     """Three panels against the optimizer step: train/val loss, learning rate, val top-1/top-5 (+ EMA top-1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state, safe off the main thread
 
     panels = [
         ("loss", [("train/loss", "train"), ("val/loss", "val"), ("val_ema/loss", "val (EMA)")], "linear"),
@@ -62,7 +66,8 @@ def plot_metrics(records: list[dict], out: Path, title: str = "") -> Path:
         ("accuracy (%)", [("val/top1", "val top-1"), ("val/top5", "val top-5"), ("val_ema/top1", "val top-1 (EMA)")],
          "linear"),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig = Figure(figsize=(15, 4.2))
+    axes = fig.subplots(1, 3)
     drawn = 0
     for ax, (ylabel, keys, scale) in zip(axes, panels):
         for key, label in keys:
@@ -84,14 +89,12 @@ def plot_metrics(records: list[dict], out: Path, title: str = "") -> Path:
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
     if drawn == 0:
-        plt.close(fig)
         raise ValueError("no train/loss, train/lr or val/* values in the metrics: nothing to plot")
     axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
@@ -99,27 +102,28 @@ def plot_metrics(records: list[dict], out: Path, title: str = "") -> Path:
 
 
 @torch.no_grad()
-def record_maps(model, images: torch.Tensor, block: int):
-    """Forward ``images`` (B, 3, S, S) once; per stage the (gates (B, L+1, h, w), modulator (B, C, h, w))."""
+def record_maps(model, images: torch.Tensor, block: int = -1):
+    """Forward ``images`` (B, 3, S, S) once in eval mode; per stage the (gates (B, L+1, h, w), modulator
+    (B, C, h, w)) on the CPU, and the class probabilities (B, K)."""
+    was_training = model.training
+    model.eval()
     chosen = [layer.blocks[block].modulation for layer in model.layers]
     for m in chosen:
         m.store_maps = True
     try:
         logits = model(images)  # (B, num_classes)
-        maps = [(m.gates.float(), m.modulator.float()) for m in chosen]
+        maps = [(m.gates.float().cpu(), m.modulator.float().cpu()) for m in chosen]
     finally:
+        model.train(was_training)
         for m in chosen:  # switch off and drop the stored tensors: they pin activations otherwise
             m.store_maps = False
             m.gates = m.modulator = None
-    return logits.float().softmax(-1), maps
+    return logits.float().softmax(-1).cpu(), maps
 
 
 def draw_modulation(rows, maps, probs, out: Path, class_names=None) -> Path:
     """rows: [(uint8 (3, S, S) image, title)]; maps: per stage (gates, modulator); probs: (B, K)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     columns = [("input", None, None)]
     shown = [s for s, (gates, _) in enumerate(maps) if gates.shape[-1] * gates.shape[-2] > 1]
@@ -130,7 +134,8 @@ def draw_modulation(rows, maps, probs, out: Path, class_names=None) -> Path:
         columns += [(f"stage {s + 1}\ng{lv}" if lv < levels else f"stage {s + 1}\ng_glob", s, lv)
                     for lv in range(levels + 1)]
     n_rows, n_cols = len(rows), len(columns)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.25 * n_cols, 1.45 * n_rows + 0.5), squeeze=False)
+    fig = Figure(figsize=(1.25 * n_cols, 1.45 * n_rows + 0.5))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     size = rows[0][0].shape[-1]
     extent = (0, size, size, 0)
     grey = [img.float().mean(0).numpy() / 255.0 for img, _ in rows]  # (S, S) luminance in [0, 1]
@@ -167,7 +172,6 @@ def draw_modulation(rows, maps, probs, out: Path, class_names=None) -> Path:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=130)
-    plt.close(fig)
     return out
 
 
@@ -207,3 +211,102 @@ def spread_over_classes(samples: list[tuple], count: int) -> list[int]:
         rank += 1
     return picked
 
+
+
+def fixed_val_images(loader, count: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``count`` validation images that stay the same all run: (uint8 pixels (B, 3, S, S) to show, the
+    normalized batch the model sees, labels). Image-file datasets give images spread over the classes (as
+    ``scripts/visualize_modulation.py --val N`` picks them); other pipelines the first images of this rank."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "samples"):
+        from data.transforms import BatchFinisher
+
+        items = [dataset[(i, 0)] for i in spread_over_classes(dataset.samples, count)]  # (uint8 image, label, seed)
+        pixels = torch.stack([item[0] for item in items])
+        finisher = getattr(loader, "finisher", None) or BatchFinisher(train=False)
+        return pixels, finisher(pixels, None), [int(item[1]) for item in items]
+    images, targets = next(iter(loader))
+    return to_uint8(images[:count]), images[:count].float(), [int(t) for t in targets[:count]]
+
+
+def has_focal_modulation(model) -> bool:
+    layers = getattr(model, "layers", None)
+    return bool(layers) and all(hasattr(layer.blocks[-1], "modulation") for layer in layers)
+
+
+class RunPictures:
+    """The trainer's pictures (rank 0), each a PNG in the run directory and an image in W&B:
+
+    * ``inputs.png`` (W&B ``pictures/inputs``): the first augmented training batch of a fresh run (after
+      mixup/cutmix: what the model receives), when ``logger.pictures.inputs`` is true;
+    * ``metrics.png``: redrawn from ``metrics.jsonl`` after every validation (not sent to W&B, which draws
+      its own charts);
+    * ``modulation.png`` (the latest) and ``pictures/modulation_epoch<N>.png`` (W&B ``pictures/modulation``):
+      the modulation maps of ``logger.pictures.modulation_images`` fixed validation images every
+      ``logger.pictures.modulation_every`` epochs and at the end (0: never).
+
+    ``metrics.png`` is drawn in a background thread (training goes on; :meth:`close` waits for it); the
+    pictures that go to W&B are drawn in the training thread, so they are logged at the step they show. A
+    failed drawing is logged, never fatal.
+    """
+
+    def __init__(self, run_dir: Path, cfg: dict, logger, model, val_loader, enabled: bool):
+        p = cfg["logger"]["pictures"]
+        self.run_dir, self.logger, self.model, self.enabled = Path(run_dir), logger, model, enabled
+        self.want_inputs = enabled and p["inputs"]
+        self.every = p["modulation_every"] if enabled else 0
+        self.class_names = [str(i) for i in range(10)] if str(cfg["data"]["name"]).startswith("digits") else None
+        self.fixed = fixed_val_images(val_loader, p["modulation_images"]) if self.every else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pictures") if enabled else None
+
+    @staticmethod
+    def _draw(fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:
+            log.warning("could not draw %s: %s: %s", fn.__name__.strip("_"), type(e).__name__, e)
+
+    def inputs(self, images: torch.Tensor, step: int) -> None:
+        """The first training batch (normalized, B x 3 x H x W), once."""
+        if not self.want_inputs:
+            return
+        self.want_inputs = False
+        self._draw(self._inputs, images, step)
+
+    def _inputs(self, images: torch.Tensor, step: int) -> None:
+        path = input_grid(images, self.run_dir / "inputs.png")
+        self.logger.log_images({"pictures/inputs": path}, step=step,
+                               captions={"pictures/inputs": f"augmented training inputs, step {step}"})
+
+    def validated(self) -> None:
+        if self.enabled:
+            self._pool.submit(self._draw, self._metrics)
+
+    def _metrics(self) -> None:
+        try:
+            plot_metrics(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "metrics.png",
+                         title=self.run_dir.name)
+        except ValueError:  # nothing plottable yet
+            pass
+
+    def epoch_end(self, epoch: int, step: int, final: bool) -> None:
+        if not self.every or not (epoch % self.every == 0 or final):
+            return
+        self._draw(self._modulation, epoch, step)
+
+    def _modulation(self, epoch: int, step: int) -> None:
+        pixels, batch, labels = self.fixed
+        probs, maps = record_maps(self.model, batch.to(next(self.model.parameters()).device))
+        path = draw_modulation(list(zip(pixels, labels)), maps, probs,
+                               self.run_dir / "pictures" / f"modulation_epoch{epoch}.png", self.class_names)
+        tmp = self.run_dir / ".modulation.png.tmp"
+        tmp.write_bytes(path.read_bytes())
+        tmp.replace(self.run_dir / "modulation.png")
+        self.logger.log_images({"pictures/modulation": path}, step=step,
+                               captions={"pictures/modulation": f"modulation maps after epoch {epoch}"})
+
+    def close(self) -> None:
+        """Wait for the metrics plot being drawn."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
