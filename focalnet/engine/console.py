@@ -129,7 +129,8 @@ def start_block(run: TrainRun) -> str:
     root = info.get("root") or data.get("root")
     epochs = f"{run.epochs} epoch{'s' if run.epochs > 1 else ''} x {run.updates_per_epoch:,} updates"
     if t["max_steps"]:
-        epochs = f"max_steps {run.total_steps:,} ({run.epochs} epochs of {run.updates_per_epoch:,} updates)"
+        epochs = (f"max_steps {run.total_steps:,} ({run.epochs} epoch{'s' if run.epochs > 1 else ''} of "
+                  f"{run.updates_per_epoch:,} updates)")
     resume = f"; resuming at update {run.state.step:,} (epoch {run.state.epoch + 1})" if run.state.step else ""
     sched = cfg["schedule"]
     rows = [

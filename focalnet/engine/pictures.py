@@ -241,7 +241,7 @@ class RunPictures:
       mixup/cutmix: what the model receives), when ``logger.pictures.inputs`` is true;
     * ``metrics.png``: redrawn from ``metrics.jsonl`` after every validation (not sent to W&B, which draws
       its own charts);
-    * ``modulation.png`` (the latest) and ``pictures/modulation_epoch<N>.png`` (W&B ``pictures/modulation``):
+    * ``modulation.png`` (the latest) and ``pictures/modulation_step<N>.png`` (W&B ``pictures/modulation``):
       the modulation maps of ``logger.pictures.modulation_images`` fixed validation images every
       ``logger.pictures.modulation_every`` epochs and at the end (0: never).
 
@@ -298,12 +298,12 @@ class RunPictures:
         pixels, batch, labels = self.fixed
         probs, maps = record_maps(self.model, batch.to(next(self.model.parameters()).device))
         path = draw_modulation(list(zip(pixels, labels)), maps, probs,
-                               self.run_dir / "pictures" / f"modulation_epoch{epoch}.png", self.class_names)
+                               self.run_dir / "pictures" / f"modulation_step{step}.png", self.class_names)
         tmp = self.run_dir / ".modulation.png.tmp"
         tmp.write_bytes(path.read_bytes())
         tmp.replace(self.run_dir / "modulation.png")
         self.logger.log_images({"pictures/modulation": path}, step=step,
-                               captions={"pictures/modulation": f"modulation maps after epoch {epoch}"})
+                               captions={"pictures/modulation": f"modulation maps at step {step} (epoch {epoch})"})
 
     def close(self) -> None:
         """Wait for the metrics plot being drawn."""
