@@ -74,3 +74,20 @@ def run_train(args, *, env=None, timeout=600, tiny=True, launcher=(PYTHON,), fla
     cmd = [*launcher, str(ROOT / "train.py"), *flags, *(TINY if tiny else []), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env or train_env(), capture_output=True, text=True,
                           timeout=timeout, **popen)
+
+
+def wandb_records(run_dir: Path) -> list[dict]:
+    """Every record of the run directory's offline W&B run, as W&B's own reader (``wandb leet inspect``) prints
+    them: ``{"type": "run" | "history" | "summary" | "artifact" | ..., ...}``."""
+    import json
+
+    (offline,) = (Path(run_dir) / "wandb").glob("offline-run-*")
+    out = subprocess.run([str(Path(PYTHON).with_name("wandb")), "leet", "inspect", "--json", str(offline)],
+                         capture_output=True, text=True, timeout=120, env=train_env())
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def wandb_run_record(run_dir: Path) -> dict:
+    """The run's settings as W&B stored them: run_id, project, entity, run_group, job_type, config..."""
+    return next(r["run"] for r in wandb_records(run_dir) if r["type"] == "run")

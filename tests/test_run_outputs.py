@@ -15,29 +15,17 @@ import base64
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, run_train, train_env
+from conftest import PYTHON, ROOT, run_train, train_env, wandb_records
 from PIL import Image
 
 from focalnet.engine.checkpointing import load_file
 
-WANDB = str(Path(sys.executable).with_name("wandb"))
 
-
-def wandb_records(run_dir: Path) -> list[dict]:
-    """Every record of the run's offline W&B file, as W&B's reader prints them."""
-    (offline,) = (run_dir / "wandb").glob("offline-run-*")
-    out = subprocess.run([WANDB, "leet", "inspect", "--json", str(offline)], capture_output=True, text=True,
-                         timeout=120, env=train_env())
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-
-
-def run_record(records: list[dict]) -> dict:
+def wandb_run_record_of(records: list[dict]) -> dict:
     return next(r["run"] for r in records if r["type"] == "run")
 
 
@@ -86,7 +74,7 @@ def trained(tmp_path_factory):
 @pytest.mark.slow
 def test_training_run_group_job_type_project_and_best_artifacts(trained):
     records = wandb_records(trained)
-    run = run_record(records)
+    run = wandb_run_record_of(records)
     assert run["run_group"] == trained.name and run["job_type"] == "train"  # group: the run's id
     assert run["project"] == "proj-from-env" and run["entity"] == "team-from-env"
     last = load_file(trained / "checkpoints" / "last.pt")
@@ -129,7 +117,7 @@ def test_finetune_and_eval_join_the_training_runs_group(trained, tmp_path):
     check(run_train([f"hydra.run.dir={ft_dir}", f"trainer.init_from={best}", "trainer.max_steps=3",
                      "logger.wandb.mode=offline", "logger.wandb.log_checkpoints=last"]))
     records = wandb_records(ft_dir)
-    run = run_record(records)
+    run = wandb_run_record_of(records)
     assert run["run_group"] == trained.name and run["job_type"] == "finetune"
     assert run["project"] == "focalnet"  # neither the config nor the environment names one
     (art,) = artifacts(records)  # `last`: the final checkpoint only
@@ -143,7 +131,7 @@ def test_finetune_and_eval_join_the_training_runs_group(trained, tmp_path):
                           cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
     check(proc)
     records = wandb_records(eval_dir)
-    run = run_record(records)
+    run = wandb_run_record_of(records)
     assert run["run_group"] == trained.name and run["job_type"] == "eval"
     summary = next(r["summary"]["update"] for r in reversed(records) if r["type"] == "summary"
                    and "eval/top1" in r["summary"]["update"])
@@ -156,7 +144,7 @@ def test_group_override_and_no_artifacts_by_default(tmp_path):
     check(run_train([f"hydra.run.dir={run_dir}", "trainer.max_steps=2", "logger.wandb.mode=offline",
                      "logger.wandb.group=ablation-7", "logger.pictures.inputs=false"]))
     records = wandb_records(run_dir)
-    assert run_record(records)["run_group"] == "ablation-7" and not artifacts(records)
+    assert wandb_run_record_of(records)["run_group"] == "ablation-7" and not artifacts(records)
     assert not images(records, "pictures/inputs") and not (run_dir / "inputs.png").exists()
     assert not (run_dir / "wandb" / "artifact-files").exists()
 

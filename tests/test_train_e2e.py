@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, TINY, run_train, train_env
+from conftest import PYTHON, ROOT, TINY, run_train, train_env, wandb_run_record
 
 from focalnet.engine.checkpointing import load_file
 from focalnet.engine.trainer import EXIT_PREEMPTED
@@ -160,6 +160,7 @@ def test_torchrun_two_ranks_gloo(tmp_path):
     (run_dir,) = out_root.iterdir()  # one run directory for both ranks
     assert (run_dir / "train.log").exists() and (run_dir / "train_rank1.log").exists()
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # W&B on rank 0 only
+    assert wandb_run_record(run_dir)["run_group"] == run_dir.name  # the job's run id, once for all ranks
     metrics = read_metrics(run_dir)
     final = next(m for m in metrics if "final/weights_sha256_per_rank" in m)
     hashes = final["final/weights_sha256_per_rank"]
