@@ -91,3 +91,21 @@ def wandb_records(run_dir: Path) -> list[dict]:
 def wandb_run_record(run_dir: Path) -> dict:
     """The run's settings as W&B stored them: run_id, project, entity, run_group, job_type, config..."""
     return next(r["run"] for r in wandb_records(run_dir) if r["type"] == "run")
+
+
+def start_paused_at(step: int, args: list[str], marker: Path, *, env: dict | None = None, tiny: bool = True,
+                    timeout: float = 600) -> subprocess.Popen:
+    """Start ``train.py`` so that it parks after update ``step`` (the FOCALNET_PAUSE_AT_STEP test hook) and return
+    once it is parked: a kill or signal then lands at exactly that step, however loaded the machine is."""
+    import time
+
+    cmd = [PYTHON, str(ROOT / "train.py"), *(TINY if tiny else []), *args]
+    env = {**(env or train_env()), "FOCALNET_PAUSE_AT_STEP": str(step), "FOCALNET_PAUSE_FILE": str(marker)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if Path(f"{marker}.rank0").exists():
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"run never reached step {step}: {proc.stderr.read()[-3000:]}")
