@@ -82,10 +82,8 @@ def checkpoint_wandb_group(path: str | os.PathLike | None) -> str | None:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a zip-format torch file (e.g. safetensors): not one of our run checkpoints
         return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict) or "step" not in obj:
-        return None
-    # Checkpoints written before groups were stored: the group a plain run got, its run directory's name.
-    return obj.get("wandb_group") or Path(str(obj["config"].get("paths", {}).get("output_dir", ""))).name or None
+    group = obj.get("wandb_group") if isinstance(obj, dict) else None
+    return group if isinstance(group, str) and group else None
 
 
 def wandb_group(cfg: dict, parent_checkpoint: str | None = None, *, parent_first: bool = False) -> str:
