@@ -9,8 +9,8 @@
   epochs.
 * ``inputs.png``: the first augmented training batch as the model receives it (:func:`input_grid`).
 
-matplotlib draws through its object API (no pyplot: no display, no global state), so the trainer draws
-in a background thread while training goes on.
+matplotlib draws through its object API (no pyplot: no display, no global state), so the trainer can draw
+``metrics.png`` in a background thread while training goes on.
 """
 
 from __future__ import annotations
@@ -212,7 +212,6 @@ def spread_over_classes(samples: list[tuple], count: int) -> list[int]:
     return picked
 
 
-
 def fixed_val_images(loader, count: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """``count`` validation images that stay the same all run: (uint8 pixels (B, 3, S, S) to show, the
     normalized batch the model sees, labels). Image-file datasets give images spread over the classes (as
@@ -227,11 +226,6 @@ def fixed_val_images(loader, count: int) -> tuple[torch.Tensor, torch.Tensor, li
         return pixels, finisher(pixels, None), [int(item[1]) for item in items]
     images, targets = next(iter(loader))
     return to_uint8(images[:count]), images[:count].float(), [int(t) for t in targets[:count]]
-
-
-def has_focal_modulation(model) -> bool:
-    layers = getattr(model, "layers", None)
-    return bool(layers) and all(hasattr(layer.blocks[-1], "modulation") for layer in layers)
 
 
 class RunPictures:
