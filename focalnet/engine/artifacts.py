@@ -22,15 +22,11 @@ from pathlib import Path
 
 import torch
 
-from focalnet.engine.checkpointing import link_or_copy_atomic
+from focalnet.engine.checkpointing import first_non_finite, link_or_copy_atomic
 
 log = logging.getLogger(__name__)
 
 POLICIES = (False, "best", "last", "all")
-
-
-def all_finite(state_dict: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in state_dict.values() if t.is_floating_point())
 
 
 class CheckpointUploader:
@@ -57,7 +53,7 @@ class CheckpointUploader:
         was started."""
         if not self.wants(best=best, final=final, preempting=preempting):
             return False
-        if not all_finite(state_dict):
+        if first_non_finite(state_dict) is not None:  # the trainer never saves one; refused here too
             log.warning("not uploading %s (step %d) as a W&B artifact: its weights are not finite", path, step)
             return False
         frozen = self.staging / f"step{step:09d}-{path.name}"
