@@ -162,11 +162,17 @@ def _walk(schema: Mapping, cfg: Mapping, prefix: str, errors: list[str]) -> None
             errors.append(f"{full}={value!r} is not allowed; it must be {allowed}")
 
 
+def schema_errors(schema: Mapping, cfg: Mapping) -> list[str]:
+    """Every unknown key, missing key and disallowed value of ``cfg`` against ``schema`` (key -> check)."""
+    errors: list[str] = []
+    _walk(schema, cfg, "", errors)
+    return errors
+
+
 def validate_config(cfg: DictConfig | Mapping) -> dict:
     """Check the composed training config; return it as a resolved plain dict or raise ConfigError."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    errors: list[str] = []
-    _walk(SCHEMA, plain, "", errors)
+    errors = schema_errors(SCHEMA, plain)
     if not errors:
         errors += _cross_checks(plain)
     if errors:
