@@ -196,6 +196,8 @@ FONTS = ("Arial.ttf", "Arial.Unicode.ttf")
 def configure_offline(config_dir: str | os.PathLike) -> Path:
     """Run Ultralytics without network access; call before ``ultralytics`` is imported. Returns its settings dir.
 
+    Called again after an offline import, it keeps the directory of the first call.
+
     - ``YOLO_OFFLINE=1``: Ultralytics skips its connectivity probe (two DNS look-ups at import), and with it the
       update check, analytics and auto-installs (``YOLO_AUTOINSTALL=false`` too).
     - ``YOLO_CONFIG_DIR=config_dir``: its ``settings.json`` lives there, with analytics (``sync``) and every
@@ -204,14 +206,17 @@ def configure_offline(config_dir: str | os.PathLike) -> Path:
       when absent; they are matplotlib's bundled DejaVu Sans, copied there under those names.
     Weights and datasets are never fetched by the callers of this function: they pass local files only.
     """
-    if "ultralytics" in sys.modules:
+    if "ultralytics.utils" in sys.modules:  # imported already: its probe and settings directory are fixed
         from ultralytics.utils import ONLINE, USER_CONFIG_DIR
 
-        if ONLINE or Path(USER_CONFIG_DIR).parent != Path(config_dir).expanduser():
-            raise RuntimeError("configure_offline() must run before ultralytics is imported (its network probe "
-                               "and settings directory are fixed at import)")
-    config_dir = Path(config_dir).expanduser().resolve()
-    user_dir = config_dir / "Ultralytics"  # where Ultralytics keeps settings.json and fonts under YOLO_CONFIG_DIR
+        if ONLINE:
+            raise RuntimeError("configure_offline() must run before ultralytics is imported (it probes the "
+                               "network at import)")
+        user_dir = Path(USER_CONFIG_DIR)  # keep the directory it was imported with
+    else:
+        config_dir = Path(config_dir).expanduser().resolve()
+        user_dir = config_dir / "Ultralytics"  # where Ultralytics keeps settings.json and fonts under YOLO_CONFIG_DIR
+        os.environ.update(YOLO_OFFLINE="1", YOLO_AUTOINSTALL="false", YOLO_CONFIG_DIR=str(config_dir))
     user_dir.mkdir(parents=True, exist_ok=True)
     import matplotlib
 
@@ -221,7 +226,6 @@ def configure_offline(config_dir: str | os.PathLike) -> Path:
             tmp = user_dir / f".{name}.tmp{os.getpid()}"
             shutil.copyfile(dejavu, tmp)
             os.replace(tmp, user_dir / name)  # atomic: concurrent runs sharing the directory never see half a font
-    os.environ.update(YOLO_OFFLINE="1", YOLO_AUTOINSTALL="false", YOLO_CONFIG_DIR=str(config_dir))
 
     from ultralytics.utils import SETTINGS
 
