@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         stock_yaml = fu.STOCK_COUNTERPARTS[STOCK[name]][0]
         models = {"stock": build(stock_yaml), "focal": build(str(fu.model_yaml(STOCK[name])))}
-        info = {k: m.info(verbose=False, imgsz=args.imgsz) for k, m in models.items()}  # (layers, params, grads, GFLOPs)
+        info = {k: m.info(imgsz=args.imgsz) for k, m in models.items()}  # prints; (layers, params, grads, GFLOPs)
         for m in models.values():
             m.fuse(verbose=False).eval()
         times = {"stock": [], "focal": []}

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 from conftest import PYTHON, ROOT, train_env
 
 from data import shapes_detection
@@ -87,7 +88,7 @@ def test_block_sits_where_the_stock_layer_was_and_the_graph_is_unchanged(fu, nam
             continue
         assert a.type == b.type, f"layer {i}"
         assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
-    # The block reads and returns exactly the tensors the stock layer did (64 px input: P5 is 2x2).
+    # The block reads and returns exactly the tensors the stock layer did (256 px input: P5 is 8x8).
     shapes = {}
 
     def record(key):
@@ -99,8 +100,17 @@ def test_block_sits_where_the_stock_layer_was_and_the_graph_is_unchanged(fu, nam
         model.model[index].register_forward_hook(record(key))
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, 3, 64, 64))
+            model(torch.zeros(1, 3, 256, 256))
     assert shapes["ours"] == shapes["stock"] and shapes["ours"][0] == shapes["ours"][1]
+    # Ultralytics' GFLOPs (thop, in model.info) count the block's functional linears: at 640 px (P5 20x20) the
+    # focal - stock difference matches torch's FlopCounterMode on the two layers (which skips norms, hence 3%).
+    layer_gflops = {}
+    for key, model in (("stock", stock), ("ours", ours)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.model[index](torch.zeros(1, shapes[key][0][1], 20, 20))
+        layer_gflops[key] = counter.get_total_flops() / 1e9
+    info_delta = ours.info(imgsz=640)[3] - stock.info(imgsz=640)[3]
+    assert info_delta == pytest.approx(layer_gflops["ours"] - layer_gflops["stock"], rel=0.03)
     block = ours.model[index].modulation
     assert isinstance(block, __import__("focalnet").FocalModulation) and block.channels_first
     assert block.dim == shapes["ours"][0][1] and (block.focal_window, block.focal_level) == (7, 2)
