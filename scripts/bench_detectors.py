@@ -7,7 +7,7 @@ For each model the stock Ultralytics YAML and ours (SPPF / AIFI -> FocalModulati
 params and GFLOPs are ``model.info()`` (thop, unfused, at ``--imgsz``). Latency: batch 1, eval mode, Conv+BN
 fused as Ultralytics' predictor and validator run them, fp32, ``--threads`` torch threads; each iteration times
 the two models back to back in alternating order (the machine's load hits both alike) and the table reports
-medians and the focal/stock ratio. Offline: Ultralytics' settings live in a temporary directory.
+medians of wall time and of the process's CPU time (robust on a shared machine) with focal/stock ratios. Offline: Ultralytics' settings live in a temporary directory.
 """
 
 from __future__ import annotations
@@ -58,27 +58,28 @@ def main(argv: list[str] | None = None) -> int:
         info = {k: m.info(imgsz=args.imgsz) for k, m in models.items()}  # prints; (layers, params, grads, GFLOPs)
         for m in models.values():
             m.fuse(verbose=False).eval()
-        times = {"stock": [], "focal": []}
+        wall, cpu = {"stock": [], "focal": []}, {"stock": [], "focal": []}
         with torch.inference_mode():
             for i in range(args.warmup + args.iters):
                 order = ("stock", "focal") if i % 2 == 0 else ("focal", "stock")
                 for key in order:
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     models[key](x)
                     if i >= args.warmup:
-                        times[key].append(time.perf_counter() - start)
-        ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
-        rows.append((name, info, ms))
+                        wall[key].append(time.perf_counter() - start)
+                        cpu[key].append(time.process_time() - start_cpu)
+        rows.append((name, info, *({k: 1000 * statistics.median(v) for k, v in d.items()} for d in (wall, cpu))))
         print(f"{name}: done", file=sys.stderr, flush=True)
 
     print(f"\nultralytics {ultralytics.__version__}, torch {torch.__version__}, {args.imgsz} px, batch 1, fp32, "
           f"{args.threads} thread(s), median of {args.iters} interleaved iterations\n")
-    print("| model | params stock (M) | params focal (M) | GFLOPs stock | GFLOPs focal | latency stock (ms) | "
-          "latency focal (ms) | focal / stock |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, info, ms in rows:
-        print(f"| {name} | {info['stock'][1] / 1e6:.2f} | {info['focal'][1] / 1e6:.2f} | {info['stock'][3]:.1f} | "
-              f"{info['focal'][3]:.1f} | {ms['stock']:.1f} | {ms['focal']:.1f} | {ms['focal'] / ms['stock']:.2f}x |")
+    print("| model | params (M) stock / focal | GFLOPs stock / focal | wall ms stock / focal | wall ratio | "
+          "CPU ms stock / focal | CPU ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name, info, wall, cpu in rows:
+        print(f"| {name} | {info['stock'][1] / 1e6:.2f} / {info['focal'][1] / 1e6:.2f} | {info['stock'][3]:.1f} / "
+              f"{info['focal'][3]:.1f} | {wall['stock']:.0f} / {wall['focal']:.0f} | {wall['focal'] / wall['stock']:.2f}x | "
+              f"{cpu['stock']:.0f} / {cpu['focal']:.0f} | {cpu['focal'] / cpu['stock']:.2f}x |")
     return 0
 
 

@@ -150,9 +150,9 @@ def _self_test(tasks) -> None:
          "head": []}
     layers, _ = tasks.parse_model(d, ch=3, verbose=False)
     block = layers[2]
-    if not isinstance(block, FocalModulation) or block.modulation.dim != 8:
-        raise _unsupported(f"built {type(block).__name__} with dim {getattr(getattr(block, 'modulation', None), 'dim', '?')} for a row "
-                           f"reading an 8-channel layer")
+    dim = getattr(getattr(block, "modulation", None), "dim", None)
+    if not isinstance(block, FocalModulation) or dim != 8:
+        raise _unsupported(f"built {type(block).__name__} with dim {dim} for a row reading an 8-channel layer")
     if block(torch.zeros(1, 8, 4, 4)).shape != (1, 8, 4, 4):
         raise _unsupported("changed the shape a FocalModulation layer returns")
 
@@ -182,8 +182,8 @@ def register() -> None:
         if isinstance(e, UltralyticsIntegrationError):
             raise
         raise _unsupported(f"failed the model-parser self-test ({type(e).__name__}: {e})") from e
-    # Checkpoints of these models load under Ultralytics' restricted (weights_only) loading too.
-    torch.serialization.add_safe_globals([FocalModulation])
+    # Checkpoints of these models load under Ultralytics' restricted loading (ULTRALYTICS_SAFE_LOAD=1, weights_only)
+    torch.serialization.add_safe_globals([FocalModulation, focalnet.FocalModulation])
     if not check_version(_installed_version(), SUPPORTED_VERSIONS):
         warnings.warn(f"ultralytics {_installed_version()} is outside the tested range {SUPPORTED_VERSIONS}; "
                       "the model-parser self-test passed", stacklevel=2)
