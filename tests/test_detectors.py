@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
 from conftest import PYTHON, ROOT, train_env
+from torch.utils.flop_counter import FlopCounterMode
 
 from data import shapes_detection
 
