@@ -334,6 +334,21 @@ def test_trains_with_ultralytics_trainer_offline_and_validator_finds_objects(tmp
 
 
 @pytest.mark.slow
+def test_rtdetr_focal_trains_with_ultralytics_rtdetr_trainer(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([PYTHON, "scripts/train_detector.py", "detector=rtdetr_l_focal", f"hydra.run.dir={run_dir}",
+                           "train.epochs=1", "train.imgsz=64", "train.batch=4", "data.shapes.train_images=8",
+                           "data.shapes.val_images=4", "data.shapes.img_size=64", "logger.wandb.mode=disabled"],
+                          cwd=ROOT, env=offline_env(tmp_path), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rtdetr-l-focal.yaml" in (run_dir / "args.yaml").read_text()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/giou_loss", "train/l1_loss", "val/mAP50"} <= set(records[0])  # RT-DETR's own losses
+    assert "final/mAP50" in records[-1]
+    assert not (tmp_path / "net.log").exists()
+
+
+@pytest.mark.slow
 def test_a_killed_run_resumes_with_ultralytics_resume_into_the_same_logs(tmp_path):
     """SIGKILL during epoch 2 (after epoch 1's checkpoint and log record), then ``train.resume=true``."""
     run_dir = tmp_path / "run"
