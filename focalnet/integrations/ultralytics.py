@@ -43,9 +43,10 @@ import focalnet
 __all__ = ["FocalModulation", "UltralyticsIntegrationError", "register", "model_yaml", "list_model_yamls",
            "STOCK_COUNTERPARTS", "SUPPORTED_VERSIONS", "TESTED_VERSIONS", "configure_offline"]
 
-# Versions whose parse_model the wrapper and the self-test were run against (tests/test_detectors.py).
+# The model parser's behaviour this integration relies on, checked by tests/test_detectors.py: YAMLs, placement and
+# shapes with ultralytics 8.4.0 and 8.4.190 (also 8.3.253); training, losses and restricted loading with 8.4.190.
 SUPPORTED_VERSIONS = ">=8.4.0,<8.5"
-TESTED_VERSIONS = ("8.4.190",)
+TESTED_VERSIONS = ("8.4.0", "8.4.190")
 LAYER_NAME = "FocalModulation"
 MODELS_DIR = Path(__file__).with_name("ultralytics_models")
 
