@@ -120,7 +120,7 @@ def _resolve_data(cfg: dict) -> str:
     _check_local(path, "data.yaml")
     try:
         spec = check_det_dataset(path, autodownload=False)  # Ultralytics' own path resolution, never downloading
-    except Exception as e:  # Ultralytics raises FileNotFoundError, SyntaxError, ValueError... with a clear text
+    except (OSError, SyntaxError, ValueError, KeyError) as e:  # Ultralytics explains what is wrong
         raise DetectorConfigError(f"data.yaml={path}: {e}") from e
     for split in ("train", "val"):
         for p in spec[split] if isinstance(spec[split], list) else [spec[split]]:
