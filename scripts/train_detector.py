@@ -28,6 +28,7 @@ register_resolvers()  # ${run_id:} in conf/detect.yaml's hydra section
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="detect")
 def main(cfg: DictConfig) -> float | None:
+    from focalnet.engine.config import ConfigError
     from focalnet.integrations.ultralytics import UltralyticsIntegrationError
     from focalnet.integrations.ultralytics_train import DetectorConfigError, train_detector
 
@@ -35,7 +36,7 @@ def main(cfg: DictConfig) -> float | None:
     OmegaConf.set_readonly(cfg, True)
     try:
         result = train_detector(cfg)
-    except (DetectorConfigError, UltralyticsIntegrationError) as e:  # the message says what to change
+    except (DetectorConfigError, UltralyticsIntegrationError, ConfigError) as e:  # says what to change (ConfigError: run dir locked)
         logging.getLogger("train_detector").error("%s", e)
         sys.exit(2)
     return result.get("final/mAP50-95")  # what a Hydra sweeper would maximize

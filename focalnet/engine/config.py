@@ -11,6 +11,7 @@ owns and checks its format-specific keys.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -125,6 +126,7 @@ SCHEMA: dict[str, Any] = {
         "init_head": choice("auto", "keep", "reinit", "slice_22k_to_1k"), "ckpt_every_steps": optional(integer(1)),
         "save_epoch_ckpts": boolean, "eval_every": integer(0), "log_every": integer(1),
         "device": choice("auto", "cpu", "cuda"), "seed": integer(0),
+        "resume_allow_changes": list_of(string), "max_nonfinite_updates": integer(1),
     },
     "logger": {
         "wandb": {
@@ -169,9 +171,26 @@ def schema_errors(schema: Mapping, cfg: Mapping) -> list[str]:
     return errors
 
 
+def non_finite_numbers(cfg: Mapping, prefix: str = "") -> list[str]:
+    """One error per NaN/inf number anywhere in the config (every group, open ones and lists included): no
+    numeric setting means anything as NaN or infinity (``trainer.clip_grad=nan`` would write NaN weights)."""
+    errors = []
+    items = cfg.items() if isinstance(cfg, Mapping) else enumerate(cfg)
+    for key, value in items:
+        full = f"{prefix}{key}" if isinstance(cfg, Mapping) else f"{prefix.rstrip('.')}[{key}]"
+        if isinstance(value, Mapping | list | tuple):
+            errors += non_finite_numbers(value, full + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{full}={value} is not allowed; it must be a finite number")
+    return errors
+
+
 def validate_config(cfg: DictConfig | Mapping) -> dict:
     """Check the composed training config; return it as a resolved plain dict or raise ConfigError."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    errors: list[str] = non_finite_numbers(plain)
+    if errors:  # reported alone: a NaN also fails every range check below
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     errors = schema_errors(SCHEMA, plain)
     if not errors:
         errors += _cross_checks(plain)

@@ -31,7 +31,6 @@ import functools
 import json
 import logging
 import math
-import pickle
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,8 +44,8 @@ from data.eval_sets import EVAL_SETS, EvalSet, build_eval_set
 from focalnet.engine import distributed as D
 from focalnet.engine.amp import AmpStep
 from focalnet.engine.build import build_model
-from focalnet.engine.checkpointing import load_file
-from focalnet.engine.config import ConfigError
+from focalnet.engine.checkpointing import first_non_finite, load_file
+from focalnet.engine.config import ConfigError, non_finite_numbers
 from focalnet.engine.loggers import RunLogger, provenance, write_run_files
 from focalnet.engine.loop import validate
 from focalnet.engine.trainer import resolve_device
@@ -115,6 +114,7 @@ def check_eval_config(cfg: DictConfig | Mapping) -> dict:
             v = tp[key]
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 errors.append(f"throughput.{key}={v!r} must be an integer >= {lo}")
+    errors += non_finite_numbers(c)
     if errors:
         raise ConfigError("invalid eval config:\n  " + "\n  ".join(errors))
     return c
@@ -125,11 +125,7 @@ def check_eval_config(cfg: DictConfig | Mapping) -> dict:
 
 def read_checkpoint(path: str, weights: str) -> tuple[dict, dict | None, str | None, bool]:
     """(state dict, the stored training config or None, entry used, whether EMA weights exist); one read."""
-    try:
-        obj = load_file(path)  # weights_only=True
-    except pickle.UnpicklingError:
-        read_state_dict(path)  # raises CheckpointError saying why the file was refused (and that nothing ran)
-        raise
+    obj = load_file(path)  # weights_only=True, checksums verified; CheckpointError names the file
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
     has_ema = isinstance(obj.get("ema"), Mapping)
@@ -145,6 +141,10 @@ def read_checkpoint(path: str, weights: str) -> tuple[dict, dict | None, str | N
     sd, used, _ = read_state_dict(obj, key)
     if weights == "model" and used != "model" and "model" in obj:
         raise CheckpointError(f"{path}: its 'model' entry holds no weights")
+    bad = first_non_finite(sd)
+    if bad is not None:  # a diverged model scores at chance: an error, not a number
+        raise CheckpointError(f"{path}: weight {bad} ({used or 'state dict'}) is NaN/inf: this checkpoint comes from "
+                              f"a diverged run; evaluate an earlier one")
     config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
     return sd, config, used, has_ema
 

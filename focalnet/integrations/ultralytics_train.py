@@ -8,7 +8,8 @@ checkpoints (``weights/last.pt``, ``best.pt``) and mAP are Ultralytics' own (``D
   including that nothing would be downloaded: the model YAML or ``.pt`` and the dataset images must be local;
 - runs Ultralytics offline (:func:`focalnet.integrations.ultralytics.configure_offline`) with FocalModulation
   registered, writing into the Hydra run directory (``project``/``name`` point there);
-- writes our ``config.yaml`` / ``provenance.json`` and logs every epoch and the final validation to
+- holds the run directory's lock (:class:`focalnet.engine.rundir.RunDirLock`), writes our ``config.yaml`` /
+  ``provenance.json`` (first launch; every launch's in ``launches/<n>/``) and logs every epoch and the final validation to
   ``metrics.jsonl`` and W&B through :class:`focalnet.engine.loggers.RunLogger` (``logger.wandb``), with
   Ultralytics' metric names shortened: ``metrics/mAP50(B)`` -> ``val/mAP50``, ``lr/pg0`` -> ``train/lr_pg0``.
 """
@@ -27,11 +28,13 @@ from focalnet.engine.config import (
     integer,
     list_of,
     mapping,
+    non_finite_numbers,
     optional,
     schema_errors,
     string,
 )
-from focalnet.engine.loggers import RunLogger, provenance, write_run_files
+from focalnet.engine.loggers import RunLogger, provenance, record_launch, redact_secrets
+from focalnet.engine.rundir import RunDirLock
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +169,7 @@ def _previous_wandb_id(run_dir: Path) -> str | None:
 def train_detector(cfg: DictConfig | dict) -> dict:
     """Train and validate as configured; returns the final validation metrics (``final/*``) and ``run_dir``."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    errors = schema_errors(SCHEMA, plain)
+    errors = non_finite_numbers(plain) or schema_errors(SCHEMA, plain)
     if errors:
         raise DetectorConfigError("invalid config:\n  " + "\n  ".join(errors))
     run_dir = Path(plain["paths"]["output_dir"]).resolve()
@@ -177,15 +180,22 @@ def train_detector(cfg: DictConfig | dict) -> dict:
     fu.register()
     model = _resolve_model(plain)
     args = _ultralytics_args(plain, model, _resolve_data(plain), run_dir)
+    lock = RunDirLock(run_dir)  # one owner at a time, like train.py's runs (a second launch exits 2)
+    lock.acquire()
+    try:
+        return _train(plain, args, run_dir)
+    finally:
+        lock.release()
 
+
+def _train(plain: dict, args: dict, run_dir: Path) -> dict:
     from ultralytics.models.rtdetr.train import RTDETRTrainer
     from ultralytics.models.yolo.detect import DetectionTrainer
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    prov = provenance(plain, world_size=1, device=str(plain["train"]["device"]))
-    write_run_files(run_dir, prov)
-    logger = RunLogger(run_dir, plain, enabled=True, wandb_id=_previous_wandb_id(run_dir) if "resume" in args else None,
-                       derived={}, prov=prov)
+    prov = provenance(plain, world_size=1, device=str(plain["train"]["device"]))  # secrets redacted
+    record_launch(run_dir, prov)  # config.yaml / provenance.json of the first launch, launches/<n>/ of each
+    logger = RunLogger(run_dir, redact_secrets(plain), enabled=True, derived={}, prov=prov,
+                       wandb_id=_previous_wandb_id(run_dir) if "resume" in args else None)
     final: dict = {}
 
     def log_epoch(trainer) -> None:
