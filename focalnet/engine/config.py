@@ -173,6 +173,13 @@ def _walk(schema: Mapping, cfg: Mapping, prefix: str, errors: list[str]) -> None
             errors.append(f"{full}={value!r} is not allowed; it must be {allowed}")
 
 
+def schema_errors(schema: Mapping, cfg: Mapping) -> list[str]:
+    """Every unknown key, missing key and disallowed value of ``cfg`` against ``schema`` (key -> check)."""
+    errors: list[str] = []
+    _walk(schema, cfg, "", errors)
+    return errors
+
+
 def non_finite_numbers(cfg: Mapping, prefix: str = "") -> list[str]:
     """One error per NaN/inf number anywhere in the config (every group, open ones and lists included): no
     numeric setting means anything as NaN or infinity (``trainer.clip_grad=nan`` would write NaN weights)."""
@@ -193,7 +200,7 @@ def validate_config(cfg: DictConfig | Mapping) -> dict:
     errors: list[str] = non_finite_numbers(plain)
     if errors:  # reported alone: a NaN also fails every range check below
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    _walk(SCHEMA, plain, "", errors)
+    errors = schema_errors(SCHEMA, plain)
     if not errors:
         errors += _cross_checks(plain)
     if errors:

@@ -66,7 +66,8 @@ def redact_secrets(obj, secrets_: list[str] | None = None):
     return obj
 
 
-_PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy", "pillow", "ffcv")
+_PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy", "pillow", "ffcv",
+             "ultralytics")
 
 
 def new_wandb_id() -> str:
