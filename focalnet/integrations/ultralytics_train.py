@@ -22,6 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from focalnet.engine.config import SCHEMA as TRAIN_SCHEMA
 from focalnet.engine.config import (
     boolean,
     choice,
@@ -33,7 +34,7 @@ from focalnet.engine.config import (
     schema_errors,
     string,
 )
-from focalnet.engine.loggers import RunLogger, provenance, record_launch, redact_secrets
+from focalnet.engine.loggers import RunLogger, provenance, record_launch, redact_secrets, wandb_group
 from focalnet.engine.rundir import RunDirLock
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,7 @@ SCHEMA = {
         "seed": integer(0), "optimizer": string, "plots": boolean, "resume": boolean, "extra": mapping,
     },
     "ultralytics_dir": string,
-    "logger": {
-        "wandb": {
-            "mode": choice("auto", "online", "offline", "disabled"), "project": string,
-            "entity": optional(string), "name": optional(string), "tags": list_of(string),
-        },
-    },
+    "logger": TRAIN_SCHEMA["logger"],  # the same logger group (conf/logger/) as train.py
     "paths": {"output_root": string, "output_dir": string},
 }
 
@@ -195,7 +191,8 @@ def _train(plain: dict, args: dict, run_dir: Path) -> dict:
     prov = provenance(plain, world_size=1, device=str(plain["train"]["device"]))  # secrets redacted
     record_launch(run_dir, prov)  # config.yaml / provenance.json of the first launch, launches/<n>/ of each
     logger = RunLogger(run_dir, redact_secrets(plain), enabled=True, derived={}, prov=prov,
-                       wandb_id=_previous_wandb_id(run_dir) if "resume" in args else None)
+                       wandb_id=_previous_wandb_id(run_dir) if "resume" in args else None,
+                       group=wandb_group(plain), job_type="detect")
     final: dict = {}
 
     def log_epoch(trainer) -> None:
