@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -47,6 +48,15 @@ def fu(tmp_path_factory):
     integration.configure_offline(tmp_path_factory.mktemp("ultralytics"))
     integration.register()
     return integration
+
+
+def test_pillow_keeps_its_own_error_for_undecodable_files(fu):
+    """Ultralytics replaces PIL.Image.open at import; the data pipeline skips and counts undecodable images by
+    Pillow's UnidentifiedImageError, which must survive a process that imported Ultralytics."""
+    from PIL import Image, UnidentifiedImageError
+
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(io.BytesIO(b"not an image"))
 
 
 def build(fu, name_or_path: str):

@@ -167,6 +167,7 @@ def register() -> None:
         raise UltralyticsIntegrationError(
             f"Ultralytics is not installed ({e}): pip install '.[detect]' (ultralytics{SUPPORTED_VERSIONS}, "
             "AGPL-3.0)") from e
+    keep_pillow_open()
     if getattr(tasks.parse_model, "focalnet_wrapped", None) is not None:
         return
     existing = vars(tasks).get(LAYER_NAME)
@@ -188,6 +189,22 @@ def register() -> None:
     if not check_version(_installed_version(), SUPPORTED_VERSIONS):
         warnings.warn(f"ultralytics {_installed_version()} is outside the tested range {SUPPORTED_VERSIONS}; "
                       "the model-parser self-test passed", stacklevel=2)
+
+
+def keep_pillow_open() -> None:
+    """Undo Ultralytics' process-wide replacement of ``PIL.Image.open`` (made when it is imported).
+
+    ``ultralytics/utils/patches.py`` swaps in a wrapper that, when Pillow cannot identify a file, tries to install
+    and import ``pi-heif`` and so raises ``ModuleNotFoundError`` instead of Pillow's ``UnidentifiedImageError``.
+    The data pipeline skips and counts undecodable images by Pillow's own error, so in a process that imported
+    Ultralytics one corrupt image would stop training. Pillow's function goes back (HEIF files are then
+    unreadable, as without Ultralytics). Its other patch, a retrying ``torch.save``, is left: it writes the same.
+    """
+    from PIL import Image
+    from ultralytics.utils import patches
+
+    if Image.open is getattr(patches, "image_open", None):
+        Image.open = patches._image_open
 
 
 # ------------------------------------------------------------------------------------------------ offline
@@ -230,6 +247,7 @@ def configure_offline(config_dir: str | os.PathLike) -> Path:
 
     from ultralytics.utils import SETTINGS
 
+    keep_pillow_open()
     off = {"sync": False, "clearml": False, "comet": False, "dvc": False, "mlflow": False, "raytune": False,
            "tensorboard": False, "wandb": False}
     if any(SETTINGS.get(k) != v for k, v in off.items()):
