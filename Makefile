@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	@# torch from the local wheels first; ffcv is built against the installed numpy (no build isolation).
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q numpy cython pkgconfig
-	$(BIN)/pip install -q --no-build-isolation -e ".[ffcv,sklearn,launch,dev]"
+	$(BIN)/pip install -q --no-build-isolation -e ".[ffcv,sklearn,launch,dev,detect]"
 	@touch $(STAMP)
 
 test: install ## the fast tests (PYTEST_ARGS=... to choose)
@@ -44,6 +44,7 @@ bench: install ## the model, training-loop and data benchmarks (tables with rati
 	$(BIN)/python scripts/bench_model.py
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_data.py
+	$(BIN)/python scripts/bench_detectors.py
 
 demo: install ## train FocalNet-Micro on handwritten digits on the CPU (a few minutes)
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)

@@ -271,10 +271,23 @@ class TrainerConfig:
 @dataclass(kw_only=True, frozen=True)
 class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online when a W&B key is set
-    project: str = "focalnet"
-    entity: str | None = None
+    project: str | None = None                        # null: $WANDB_PROJECT, else focalnet
+    entity: str | None = None                         # null: $WANDB_ENTITY, else your default entity
     name: str | None = None
     tags: list[str] = value([])
+    # null: the sweep's id for a -m sweep, else the parent run's (fine-tune), else this run's id
+    group: str | None = None
+    # false | best (each new best.pt) | last (the final last.pt) | all (every checkpoint), as W&B artifacts
+    log_checkpoints: Literal[False, "best", "last", "all"] = False
+
+
+@dataclass(kw_only=True, frozen=True)
+class PicturesConfig:
+    """PNGs in the run directory, also logged to W&B as images."""
+
+    inputs: bool = True                               # inputs.png: the first augmented training batch
+    modulation_every: int = value(0, ge=0)            # modulation maps of fixed val images every N epochs (0: off)
+    modulation_images: int = value(4, ge=1)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -282,6 +295,7 @@ class LoggerConfig:
     """``logger``: metrics go to ``metrics.jsonl`` always, and to Weights & Biases unless disabled."""
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    pictures: PicturesConfig = field(default_factory=PicturesConfig)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -351,6 +365,57 @@ class EvalConfig(EvalOptions):
     paths: PathsConfig
 
 
+@dataclass(kw_only=True, frozen=True)
+class DetectorChoice:
+    """``detector``: an Ultralytics model (conf/detector/) and the trainer it takes."""
+
+    model: str = required()                           # a shipped YAML by name, a model YAML, or a local path
+    task: Literal["detect", "rtdetr"] = "detect"      # Ultralytics' DetectionTrainer | RTDETRTrainer
+
+
+@dataclass(kw_only=True, frozen=True)
+class ShapesData:
+    root: str = required()                            # where the generated shapes set is written on first use
+    train_images: int = value(256, ge=1)
+    val_images: int = value(64, ge=1)
+    img_size: int = value(128, ge=32)
+    seed: int = value(0, ge=0)
+
+
+@dataclass(kw_only=True, frozen=True)
+class DetectData:
+    yaml: str | None = None                           # an Ultralytics dataset YAML; null = the generated shapes
+    shapes: ShapesData = required()
+
+
+@dataclass(kw_only=True, frozen=True)
+class DetectTrain:
+    """Ultralytics train arguments (its cfg/default.yaml); any other one goes in ``extra``."""
+
+    epochs: int = value(30, ge=1)
+    imgsz: int = value(128, ge=32)
+    batch: int = value(16, ge=1)
+    device: str = "cpu"                               # cpu, or one CUDA device index
+    workers: int = value(0, ge=0)
+    seed: int = value(0, ge=0)
+    optimizer: str = "auto"
+    plots: bool = False
+    resume: bool = False
+    extra: dict[str, Any] = value({})
+
+
+@dataclass(kw_only=True, frozen=True)
+class DetectConfig:
+    """``scripts/train_detector.py``'s config (conf/detect.yaml); ``logger`` and ``paths`` are train.py's."""
+
+    detector: DetectorChoice
+    data: DetectData
+    train: DetectTrain
+    ultralytics_dir: str
+    logger: LoggerConfig
+    paths: PathsConfig
+
+
 # Registered in Hydra's ConfigStore as /schema/<name> (the values of every field; see the module docstring).
 STORED: dict[str, type] = {
     "model": ModelConfig, "optimizer": OptimizerConfig, "optimizer_sgd": SGDConfig, "schedule": ScheduleConfig,
@@ -388,7 +453,7 @@ def _describe(tp, meta: Mapping) -> str:
     """What a value of type ``tp`` (with bounds ``meta``) may be, for error messages."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
-        return "one of: " + ", ".join(str(a) for a in args)
+        return "one of: " + ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)
     if type(None) in args:
         return "null or " + _describe(_without_none(args), meta)
     if origin in (typing.Union, types.UnionType):

@@ -79,6 +79,10 @@ def _cross_checks(c: dict) -> list[str]:
     if t["init_from"] is not None and pretrained not in (None, False):
         errors.append(f"trainer.init_from={t['init_from']!r} and model.pretrained={pretrained!r}: set one of them "
                       f"(both start the run from pretrained weights)")
+    m = c["model"]
+    if c["logger"]["pictures"]["modulation_every"] and (m["library"] != "focalnet" or m["name"].startswith("dat")):
+        errors.append(f"logger.pictures.modulation_every={c['logger']['pictures']['modulation_every']}: "
+                      f"model {m['name']} has no focal modulation to draw; set it to 0")
     return errors
 
 
