@@ -370,21 +370,21 @@ class DetectorChoice:
     """``detector``: an Ultralytics model (conf/detector/) and the trainer it takes."""
 
     model: str = required()                           # a shipped YAML by name, a model YAML, or a local path
-    task: Literal["detect", "rtdetr"] = "detect"      # Ultralytics' DetectionTrainer | RTDETRTrainer
+    task: Literal["detect", "rtdetr"] = required()    # Ultralytics' DetectionTrainer | RTDETRTrainer
 
 
 @dataclass(kw_only=True, frozen=True)
 class ShapesData:
     root: str = required()                            # where the generated shapes set is written on first use
-    train_images: int = value(256, ge=1)
-    val_images: int = value(64, ge=1)
-    img_size: int = value(128, ge=32)
-    seed: int = value(0, ge=0)
+    train_images: int = required(ge=1)
+    val_images: int = required(ge=1)
+    img_size: int = required(ge=32)
+    seed: int = required(ge=0)
 
 
 @dataclass(kw_only=True, frozen=True)
 class DetectData:
-    yaml: str | None = None                           # an Ultralytics dataset YAML; null = the generated shapes
+    yaml: str | None = required()                     # an Ultralytics dataset YAML; null = the generated shapes
     shapes: ShapesData = required()
 
 
@@ -392,21 +392,22 @@ class DetectData:
 class DetectTrain:
     """Ultralytics train arguments (its cfg/default.yaml); any other one goes in ``extra``."""
 
-    epochs: int = value(30, ge=1)
-    imgsz: int = value(128, ge=32)
-    batch: int = value(16, ge=1)
-    device: str = "cpu"                               # cpu, or one CUDA device index
-    workers: int = value(0, ge=0)
-    seed: int = value(0, ge=0)
-    optimizer: str = "auto"
-    plots: bool = False
-    resume: bool = False
-    extra: dict[str, Any] = value({})
+    epochs: int = required(ge=1)
+    imgsz: int = required(ge=32)
+    batch: int = required(ge=1)
+    device: str = required()                          # cpu, or one CUDA device index
+    workers: int = required(ge=0)
+    seed: int = required(ge=0)
+    optimizer: str = required()
+    plots: bool = required()
+    resume: bool = required()
+    extra: dict[str, Any] = required()
 
 
 @dataclass(kw_only=True, frozen=True)
 class DetectConfig:
-    """``scripts/train_detector.py``'s config (conf/detect.yaml); ``logger`` and ``paths`` are train.py's."""
+    """``scripts/train_detector.py``'s config: types and allowed values; its values are in conf/detect.yaml
+    (not registered in the ConfigStore). ``logger`` and ``paths`` are train.py's groups."""
 
     detector: DetectorChoice
     data: DetectData
