@@ -33,9 +33,11 @@ import multiprocessing as mp
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from data.file_index import FileSamples, list_image_files
 from data.loaders import EpochLoader, Loaders, register_builder
 from data.transforms import (
     BadImage,
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _MAX_REPLACEMENTS = 64
 Sample = tuple[str, int]
+Samples = Sequence[Sample]  # a list, or FileSamples (a cached folder listing without an object per file)
 
 
 class DataConfigError(ValueError):
@@ -89,8 +92,11 @@ def count_classes(root: str | None, split: str = "train") -> int:
                             "data.root/data.train_split"))
 
 
-def scan_folder(split_dir: str, key: str, class_to_idx: dict[str, int] | None = None) -> tuple[list[str], list[Sample]]:
-    """``split_dir/<class>/<image>`` -> (class names, [(path, label)]) in a deterministic order."""
+def scan_folder(split_dir: str, key: str, class_to_idx: dict[str, int] | None = None) -> tuple[list[str], Samples]:
+    """``split_dir/<class>/<image>`` -> (class names, (path, label) samples) in a deterministic order.
+
+    The file list is cached (:mod:`data.file_index`): built once, then only changed class folders are listed.
+    """
     classes = list_classes(split_dir, key)
     if class_to_idx is None:
         class_to_idx = {c: i for i, c in enumerate(classes)}
@@ -99,14 +105,10 @@ def scan_folder(split_dir: str, key: str, class_to_idx: dict[str, int] | None = 
         if unknown:
             raise DataConfigError(f"{key}: {len(unknown)} folders in {split_dir} are not in the label layout "
                                   f"(data.label_layout), e.g. {unknown[:3]}")
-    samples: list[Sample] = []
-    for c in classes:
-        d = os.path.join(split_dir, c)
-        files = sorted(e.name for e in os.scandir(d) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
-        samples += [(os.path.join(d, f), class_to_idx[c]) for f in files]
-    if not samples:
+    files = list_image_files(split_dir, classes, IMG_EXTENSIONS)
+    if not len(files):
         raise DataConfigError(f"{key}: no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}")
-    return classes, samples
+    return classes, files.samples([class_to_idx[c] for c in classes])
 
 
 def read_map_file(map_path: str, image_root: str, key: str) -> list[Sample]:
@@ -135,15 +137,16 @@ def imagenet22k_class_to_idx(layout: str) -> dict[str, int]:
     return {s: i for i, s in enumerate(ImageNetInfo(layout).label_names())}
 
 
-def hold_out(samples: list[Sample], count: int, key: str) -> tuple[list[Sample], list[Sample]]:
+def hold_out(samples: Samples, count: int, key: str) -> tuple[Samples, Samples]:
     """Split ``count`` samples off for validation with a fixed generator (the same for every run and rank)."""
     if not 0 < count < len(samples):
         raise DataConfigError(f"{key}={count} must be between 1 and the training set size - 1 ({len(samples) - 1})")
-    perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(20_211_102)).tolist()
-    val_idx = set(perm[:count])
-    train = [s for i, s in enumerate(samples) if i not in val_idx]
-    val = [s for i, s in enumerate(samples) if i in val_idx]
-    return train, val
+    perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(20_211_102))
+    is_val = np.zeros(len(samples), dtype=bool)
+    is_val[perm[:count].numpy()] = True
+    if isinstance(samples, FileSamples):
+        return samples.subset(np.flatnonzero(~is_val)), samples.subset(np.flatnonzero(is_val))
+    return [s for s, v in zip(samples, is_val) if not v], [s for s, v in zip(samples, is_val) if v]
 
 
 def check_num_classes(data_cfg, found: int, where: str) -> int:
@@ -155,9 +158,10 @@ def check_num_classes(data_cfg, found: int, where: str) -> int:
     return found
 
 
-def check_labels(samples: Sequence[Sample], num_classes: int, where: str) -> None:
-    bad = [lab for _, lab in samples if not 0 <= lab < num_classes]
-    if bad:
+def check_labels(samples: Samples, num_classes: int, where: str) -> None:
+    labels = samples.labels() if isinstance(samples, FileSamples) else np.array([lab for _, lab in samples])
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if len(bad):
         raise DataConfigError(f"{where}: label {bad[0]} outside [0, data.num_classes={num_classes})")
 
 
@@ -170,7 +174,7 @@ class ImageFileDataset(Dataset):
     output depends only on the key: identical across workers, ranks and resumes.
     """
 
-    def __init__(self, samples: list[Sample], transform, *, name: str = "dataset"):
+    def __init__(self, samples: Samples, transform, *, name: str = "dataset"):
         self.samples, self.transform, self.name = samples, transform, name
         # Shared memory: workers are separate processes, and the count must reach the main process.
         self._skipped = mp.get_context().Value("q", 0)
@@ -185,7 +189,7 @@ class ImageFileDataset(Dataset):
             try:
                 # In a worker process nobody else reads the global RNGs: seed without save/restore.
                 with seeded(seed, preserve=get_worker_info() is None):
-                    image = self.transform(open_image(path))
+                    image = self.transform(self.open(path))
                 return image, label, seed
             except BadImage as e:
                 with self._skipped.get_lock():
@@ -194,6 +198,10 @@ class ImageFileDataset(Dataset):
                 index = (index + 1) % len(self.samples)
                 seed = (seed * 6364136223846793005 + attempt + 1) & ((1 << 63) - 1)
         raise RuntimeError(f"{self.name}: {_MAX_REPLACEMENTS} unreadable images in a row near {path}")
+
+    def open(self, source):
+        """A sample's image, opened (header only); :class:`BadImage` when it cannot be read."""
+        return open_image(source)
 
     def stats(self) -> dict[str, int]:
         return {"skipped_images": int(self._skipped.value)}
@@ -208,7 +216,7 @@ class FolderEpochLoader(EpochLoader):
         self.finisher = finisher
 
 
-def make_loaders(train_samples: list[Sample], val_samples: list[Sample], num_classes: int, data_cfg, aug_cfg,
+def make_loaders(train_samples: Samples, val_samples: Samples, num_classes: int, data_cfg, aug_cfg,
                  *, rank: int, world_size: int, seed: int, info: dict | None = None) -> Loaders:
     size = int(data_cfg.img_size)
     test_crop = bool(aug_cfg.get("test_crop", True)) if aug_cfg is not None else True
@@ -231,7 +239,7 @@ def _split_paths(data_cfg, root: str) -> tuple[str, str]:
             os.path.join(root, str(data_cfg.get("val_split", "val"))))
 
 
-def folder_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
+def folder_samples(data_cfg) -> tuple[Samples, Samples, int]:
     """(train, val, num_classes) of an ImageFolder dataset; ``data.val_count`` holds out a val set."""
     root = require_root(data_cfg)
     train_dir, val_dir = _split_paths(data_cfg, root)
@@ -248,7 +256,7 @@ def folder_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
     return train, val, num_classes
 
 
-def dataset_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
+def dataset_samples(data_cfg) -> tuple[Samples, Samples, int]:
     """(train, val, num_classes) for any file-based ``data`` config (used by scripts/write_ffcv.py too)."""
     name = str(data_cfg.name).removesuffix("_ffcv")
     return imagenet22k_samples(data_cfg) if name == "imagenet22k" else folder_samples(data_cfg)
@@ -262,12 +270,12 @@ def build_image_files(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int 
     return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
 
 
-def imagenet22k_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
+def imagenet22k_samples(data_cfg) -> tuple[Samples, Samples, int]:
     """(train, val, num_classes) for ``data=imagenet22k`` from map files or synset folders."""
     root = require_root(data_cfg)
     num_classes = int(data_cfg.num_classes)
     image_root = os.path.join(root, str(data_cfg.get("image_dir") or ""))
-    val: list[Sample] | None = None
+    val: Samples | None = None
     if data_cfg.get("train_map"):
         train = read_map_file(os.path.join(root, str(data_cfg.train_map)), image_root, "data.train_map")
         if data_cfg.get("val_map"):

@@ -188,7 +188,7 @@ def test_imagenet22k_folders_use_focalnet_22k_label_layout(tmp_path):
                    label_layout="imagenet22k_ms", train_map=None, val_map=None, image_dir="")
     loaders = build_loaders(cfg, DEIT)
     assert loaders.num_classes == 21842 and (loaders.info["train_size"], loaders.info["val_size"]) == (8, 4)
-    seen = {lab for _, lab in loaders.train.dataset.samples + loaders.val.dataset.samples}
+    seen = {lab for _, lab in [*loaders.train.dataset.samples, *loaders.val.dataset.samples]}
     assert seen == set(picks)
     with pytest.raises(DataConfigError, match=r"data\.label_layout=imagenet22k_ms.*data\.num_classes=100"):
         build_loaders(OmegaConf.merge(cfg, {"num_classes": 100}), DEIT)
