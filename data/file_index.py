@@ -236,7 +236,7 @@ def _writable_location(locations: list[str]) -> str | None:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: str | None) -> Iterator[None]:
+def exclusive_lock(lock_path: str | None) -> Iterator[None]:
     """An exclusive ``flock`` on ``lock_path``; without one (no writable place, a file system without
     locks) the protocol stays correct, since lists are replaced atomically: two processes may just both build."""
     import fcntl
@@ -270,7 +270,7 @@ def checked_or_built(split_dir: str, classes: list[str], extensions: tuple[str, 
     """The current list of ``split_dir``: a cached one whose folders are unchanged, or (re)built and cached."""
     locations = cache_locations(split_dir)
     target = _writable_location(locations)
-    with _exclusive(None if target is None else target + ".lock"):
+    with exclusive_lock(None if target is None else target + ".lock"):
         started = time.perf_counter()
         cached = _newest_readable(locations, split_dir)
         keep = _unchanged(cached, classes, extensions)

@@ -31,14 +31,14 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from data.file_index import FileSamples, list_image_files
-from data.loaders import EpochLoader, Loaders, register_builder
+from data.loaders import EpochLoader, Loaders, ResumableDistributedSampler, register_builder
 from data.transforms import (
     BadImage,
     BatchFinisher,
@@ -217,21 +217,28 @@ class FolderEpochLoader(EpochLoader):
 
 
 def make_loaders(train_samples: Samples, val_samples: Samples, num_classes: int, data_cfg, aug_cfg,
-                 *, rank: int, world_size: int, seed: int, info: dict | None = None) -> Loaders:
+                 *, rank: int, world_size: int, seed: int, info: dict | None = None,
+                 dataset: Callable[..., ImageFileDataset] = ImageFileDataset,
+                 sampler: Callable[..., ResumableDistributedSampler] = ResumableDistributedSampler.for_dataset,
+                 ) -> Loaders:
+    """Train and val loaders over ``(source, label)`` samples. ``dataset(samples, transform, name=)`` reads them
+    (files by default; :mod:`data.shards` passes its shard reader) and ``sampler(dataset, **kwargs)`` orders
+    them (:class:`ResumableDistributedSampler`'s keyword arguments; the shard path visits shards locally)."""
     size = int(data_cfg.img_size)
     test_crop = bool(aug_cfg.get("test_crop", True)) if aug_cfg is not None else True
     interp = (aug_cfg.get("interpolation", "bicubic") if aug_cfg is not None else "bicubic") or "bicubic"
-    train_ds = ImageFileDataset(train_samples, TrainSampleTransform(aug_cfg, size), name=f"{data_cfg.name}/train")
-    val_ds = ImageFileDataset(val_samples, EvalSampleTransform(size, test_crop, interp), name=f"{data_cfg.name}/val")
-    workers = int(data_cfg.get("num_workers", 0))
-    common = dict(batch_size=int(data_cfg.batch_size), rank=rank, world_size=world_size, seed=seed,
-                  num_workers=workers, persistent_workers=bool(data_cfg.get("persistent_workers", True)))
-    return Loaders(
-        train=FolderEpochLoader(train_ds, BatchFinisher(aug_cfg, train=True), train=True, **common),
-        val=FolderEpochLoader(val_ds, BatchFinisher(aug_cfg, train=False), train=False, **common),
-        num_classes=num_classes,
-        info={"train_size": len(train_ds), "val_size": len(val_ds), **(info or {})},
-    )
+    train_ds = dataset(train_samples, TrainSampleTransform(aug_cfg, size), name=f"{data_cfg.name}/train")
+    val_ds = dataset(val_samples, EvalSampleTransform(size, test_crop, interp), name=f"{data_cfg.name}/val")
+    batch_size, workers = int(data_cfg.batch_size), int(data_cfg.get("num_workers", 0))
+
+    def loader(ds: ImageFileDataset, train: bool) -> FolderEpochLoader:
+        order = sampler(ds, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, shuffle=train,
+                        train=train)
+        return FolderEpochLoader(ds, BatchFinisher(aug_cfg, train=train), sampler=order, num_workers=workers,
+                                 persistent_workers=bool(data_cfg.get("persistent_workers", True)), seed=seed)
+
+    return Loaders(train=loader(train_ds, True), val=loader(val_ds, False), num_classes=num_classes,
+                   info={"train_size": len(train_ds), "val_size": len(val_ds), **(info or {})})
 
 
 def _split_paths(data_cfg, root: str) -> tuple[str, str]:
