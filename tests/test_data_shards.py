@@ -283,3 +283,43 @@ def test_log_lines_never_carry_credentials(caplog, tmp_path):
     with pytest.raises(ShardFetchError) as e:
         fetch("http://bob:pa55word@127.0.0.1:9/x/train-000000.tar?sig=zzz", str(tmp_path / "x.tar"))
     assert "pa55word" not in str(e.value) and "sig=zzz" not in str(e.value) and "127.0.0.1:9/x" in str(e.value)
+
+
+@pytest.fixture
+def http_server(shards):
+    """``python -m http.server`` on 127.0.0.1 (a free port) serving the shards directory."""
+    out, _ = shards
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = int(re.search(r"port (\d+)", proc.stdout.readline())[1])
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_an_http_source_gives_the_local_batches_and_logs_no_credentials(shards, http_server, tmp_path, caplog):
+    out, _ = shards
+    caplog.set_level(logging.DEBUG)
+    url = f"http://alice:s3cret@{http_server}"  # the server ignores the user; the logs must not show it
+    cfg = wds_cfg(url, num_workers=1, shuffle="auto", cache_dir=str(tmp_path / "cache"), cache_limit_gb=None)
+    remote = build_loaders(cfg, DEIT, seed=3)
+    local = build_loaders(wds_cfg(out, shuffle="shards"), DEIT, seed=3)  # auto = shards for a URL
+    for loaders in (remote, local):
+        loaders.train.set_epoch(2)
+    got = [(x.clone(), y.clone()) for x, y in remote.train]
+    want = list(local.train)
+    assert len(got) == len(want) > 1
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
+    assert [y.tolist() for _, y in remote.val] == [y.tolist() for _, y in local.val]
+    cached = sorted(n for n in os.listdir(tmp_path / "cache") if n.endswith(".tar"))
+    assert cached == sorted(n for n in os.listdir(out) if n.endswith(".tar"))
+    assert all((tmp_path / "cache" / n).read_bytes() == (out / n).read_bytes() for n in cached)
+    assert "s3cret" not in caplog.text and f"http://{http_server}" in caplog.text
+    # A bounded cache: shards are fetched again when needed, batches stay the same.
+    small = build_loaders(OmegaConf.merge(cfg, {"cache_dir": str(tmp_path / "small"), "cache_limit_gb": 1e-9,
+                                                "num_workers": 0}), DEIT, seed=3)
+    small.train.set_epoch(2)
+    assert all(torch.equal(a[0], b[0]) for (a, b) in zip([x for x, _ in small.train], [x for x, _ in got]))
+    assert len([n for n in os.listdir(tmp_path / "small") if n.endswith(".tar")]) == 1
