@@ -106,11 +106,18 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192):
     return gopen_pipe(f"pipe:aws s3 cp --only-show-errors {shlex.quote(url)} -", mode, bufsize)
 
 
+def register_url_schemes() -> None:
+    """Add ``s3://`` to webdataset's URL schemes (unless a handler is there already) in this process."""
+    import webdataset
+
+    webdataset.gopen_schemes.setdefault("s3", _gopen_s3)
+
+
 def gopen(url: str, mode: str = "rb"):
     """Open a local path or URL with webdataset's ``gopen`` (curl, gsutil, pipes; ``s3://`` added here)."""
     import webdataset
 
-    webdataset.gopen_schemes.setdefault("s3", _gopen_s3)
+    register_url_schemes()
     return webdataset.gopen(url, mode)
 
 

@@ -323,3 +323,55 @@ def test_an_http_source_gives_the_local_batches_and_logs_no_credentials(shards, 
     small.train.set_epoch(2)
     assert all(torch.equal(a[0], b[0]) for (a, b) in zip([x for x, _ in small.train], [x for x, _ in got]))
     assert len([n for n in os.listdir(tmp_path / "small") if n.endswith(".tar")]) == 1
+    # Streaming reads the shards straight from the URL (webdataset's pipeline, curl): the local stream's batches.
+    stream_cfg = {"mode": "streaming", "shuffle_buffer": 5, "num_workers": 1}
+    remote = build_loaders(OmegaConf.merge(cfg, stream_cfg), DEIT, seed=3)
+    local = build_loaders(OmegaConf.merge(wds_cfg(out), stream_cfg), DEIT, seed=3)
+    assert all(torch.equal(a[0], b[0]) for (a, _), (b, _) in zip(streamed(remote.train, 1), streamed(local.train, 1),
+                                                                  strict=True))
+
+
+def streamed(loader, epoch, start=0):
+    loader.set_epoch(epoch, start)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_streaming_mode_resumes_exactly_and_validates_every_sample_once(shards, tmp_path):
+    out, _ = shards
+    cfg = wds_cfg(out, mode="streaming", batch_size=3, num_workers=2, shuffle_buffer=6)
+    loaders = build_loaders(cfg, DEIT, seed=7)
+    full = streamed(loaders.train, 1)
+    assert len(full) == len(loaders.train) == loaders.info["train_size"] // 3
+    assert all(len(y) == 3 for _, y in full)
+    rest = streamed(loaders.train, 1, 3)  # resume at batch 3: the rest of the epoch, bit for bit
+    assert len(rest) == len(full) - 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[3:], rest))
+    assert [y.tolist() for _, y in full] != [y.tolist() for _, y in streamed(loaders.train, 2)]  # reshuffled
+    val_labels = sorted(lab for _, y in loaders.val for lab in y.tolist())
+    assert val_labels == sorted(lab for _, lab in build_loaders(wds_cfg(out), DEIT).val.dataset.samples)
+    # Shards named by a brace pattern (no index): the sample count must be given.
+    spec = json.loads((out / "train.json").read_text())
+    pattern = f"train-{{000000..{len(spec['shardlist']) - 1:06d}}}.tar"
+    with pytest.raises(DataConfigError, match="data.train_size"):
+        build_loaders(OmegaConf.merge(cfg, {"train_split": pattern}), DEIT)
+    by_pattern = build_loaders(OmegaConf.merge(cfg, {"train_split": pattern, "train_size": spec["focalnet"]["num_samples"]}),
+                               DEIT, seed=7)
+    assert all(torch.equal(a[0], b[0]) for (a, _), (b, _) in zip(streamed(by_pattern.train, 1), full))
+
+
+def test_streaming_mode_skips_and_counts_a_corrupt_sample(shards, tmp_path):
+    out, _ = shards
+    copy = tmp_path / "copy"
+    os.makedirs(copy)
+    for name in os.listdir(out):
+        if not name.startswith("."):
+            (copy / name).write_bytes((out / name).read_bytes())
+    records = np.load(copy / "train.idx.npy")
+    first = json.loads((copy / "train.json").read_text())["shardlist"][0]["url"]
+    with open(copy / first, "r+b") as f:
+        f.seek(int(records[0]["offset"]))
+        f.write(b"\0" * int(records[0]["size"]))
+    loaders = build_loaders(wds_cfg(copy, mode="streaming", batch_size=4, shuffle_buffer=4), DEIT, seed=0)
+    batches = streamed(loaders.train, 0)
+    assert len(batches) == len(loaders.train) and all(x.shape[0] == 4 for x, _ in batches)
+    assert loaders.train.stats()["skipped_images"] == 1
