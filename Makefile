@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
-DEBIAN_DEPS := pkg-config libturbojpeg0-dev libopencv-dev
+DEBIAN_DEPS := pkg-config libturbojpeg0-dev libopencv-dev curl
 PYTEST_ARGS ?= -m "not slow"
 export OMP_NUM_THREADS ?= 2
 
@@ -13,12 +13,13 @@ export OMP_NUM_THREADS ?= 2
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	@# FFCV builds from source and needs these Debian packages (installed only when missing and we are root).
+	@# FFCV builds from source and needs these Debian packages; webdataset reads http(s) shards with curl
+	@# (installed only when missing and we are root).
 	@missing=$$(for p in $(DEBIAN_DEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then echo "apt-get install $$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "Missing Debian packages for FFCV: $$missing (run as root or: sudo apt-get install $$missing)"; exit 1; fi; \
+	  else echo "Missing Debian packages (FFCV, curl): $$missing (run as root or: sudo apt-get install $$missing)"; exit 1; fi; \
 	fi
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel

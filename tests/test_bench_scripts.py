@@ -41,8 +41,9 @@ def test_bench_train_reports_the_overhead():
 
 
 @pytest.mark.slow
-def test_bench_data_compares_the_three_pipelines(tmp_path):
+def test_bench_data_compares_the_four_pipelines(tmp_path):
     out = run("bench_data.py", "--dir", str(tmp_path / "jpegs"), "--images", "48", "--classes", "4",
               "--batch-size", "8", "--workers", "1", "--epochs", "1", "--img-size", "64")
-    for path in ("(a)", "(b)", "(c)"):
+    for path in ("(a)", "(b)", "(c)", "(d) ours: data=imagenet1k_wds"):
         assert path in out
+    assert "shards (d) vs folder (b)" in out
