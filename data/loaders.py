@@ -131,7 +131,7 @@ class EpochLoader:
                  batch_size: int | None = None, rank: int = 0, world_size: int = 1, seed: int, train: bool = True,
                  num_workers: int = 0, pin_memory: bool = False, collate_fn=None, persistent_workers: bool = False):
         self.dataset = dataset
-        self.sampler = sampler or ResumableDistributedSampler(
+        self.sampler = sampler if sampler is not None else ResumableDistributedSampler(
             len(dataset), batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
             shuffle=train, train=train)
         self.loader = DataLoader(

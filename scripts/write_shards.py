@@ -48,7 +48,7 @@ from scripts.write_ffcv import compose_data_cfg  # noqa: E402
 
 log = logging.getLogger("write_shards")
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff", "PPM": "ppm", "GIF": "gif"}
-TAR_OVERHEAD = 1536  # per sample: two 512-byte headers, the label's block, half a block of padding
+TAR_OVERHEAD = 1792  # per sample: two 512-byte headers, the label's block, half a block of padding
 
 
 class UsageError(Exception):
@@ -105,7 +105,7 @@ def write_shard(task: dict) -> dict:
 
     labels, members, skipped, used = [], [], [], set()
     with open(tmp, "wb") as f:
-        with webdataset.TarWriter(f, encoder=False, mtime=0.0) as tar:
+        with webdataset.TarWriter(f, encoder=False, mtime=0) as tar:  # an int: a float adds a pax header
             for path, label in task["items"]:
                 try:
                     data, ext = encode(path, task["max_resolution"], task["jpeg_quality"])

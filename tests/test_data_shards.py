@@ -375,3 +375,27 @@ def test_streaming_mode_skips_and_counts_a_corrupt_sample(shards, tmp_path):
     batches = streamed(loaders.train, 0)
     assert len(batches) == len(loaders.train) and all(x.shape[0] == 4 for x, _ in batches)
     assert loaders.train.stats()["skipped_images"] == 1
+
+
+def test_s3_urls_go_through_the_aws_cli_with_credentials_from_the_environment(shards, tmp_path, monkeypatch, caplog):
+    """``s3://`` is webdataset's pipe mechanism running ``aws s3 cp URL -``. There is no S3 here, so an ``aws`` on
+    PATH serves the bucket from the local directory, and only when the credentials reach it via the environment."""
+    out, _ = shards
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "aws").write_text('#!/bin/sh\n[ "$1 $2 $3" = "s3 cp --only-show-errors" ] && [ "$5" = "-" ] || exit 2\n'
+                                 '[ "$AWS_SECRET_ACCESS_KEY" = "very-secret" ] || exit 3\n'
+                                 'exec cat "$FAKE_BUCKET/${4#s3://bucket/in1k/}"\n')
+    (bin_dir / "aws").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_BUCKET", str(out))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
+    caplog.set_level(logging.DEBUG)
+    cfg = wds_cfg("s3://bucket/in1k", cache_dir=str(tmp_path / "cache"), shuffle="global")
+    remote, local = build_loaders(cfg, DEIT, seed=1), build_loaders(wds_cfg(out), DEIT, seed=1)
+    got, want = streamed(remote.train, 0), streamed(local.train, 0)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want, strict=True))
+    assert "very-secret" not in caplog.text
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(DataConfigError, match=r"data.root=s3://bucket/in1k: cannot read train.json .*exit 3"):
+        build_loaders(OmegaConf.merge(cfg, {"cache_dir": str(tmp_path / "other")}), DEIT)
