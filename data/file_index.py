@@ -167,10 +167,25 @@ def _identity(path: str) -> list[int]:
     return [st.st_mtime_ns, st.st_ino]
 
 
+def list_entries(directory: str, want_dir: bool) -> list[str]:
+    """Sorted names of the sub-directories (or files) of ``directory``; entries that cannot be resolved (a
+    symlink loop, a dangling link) are skipped with a warning instead of stopping the scan."""
+    names, broken = [], []
+    for e in os.scandir(directory):
+        try:
+            if (e.is_dir() if want_dir else e.is_file()) and not e.name.startswith("."):
+                names.append(e.name)
+        except OSError as err:  # ELOOP: a symlink loop
+            broken.append(f"{e.name} ({err.strerror})")
+    if broken:
+        log.warning("%s: skipped %d unresolvable entries: %s", directory, len(broken), ", ".join(broken[:5]))
+    return sorted(names)
+
+
 def _scan_class(class_dir: str, extensions: tuple[str, ...]) -> tuple[list[str], list[int]]:
     """Sorted image file names of one class folder and the folder's identity (mtime -1: rescan next time)."""
     started = time.time_ns()
-    names = sorted(e.name for e in os.scandir(class_dir) if e.is_file() and e.name.lower().endswith(extensions))
+    names = [n for n in list_entries(class_dir, want_dir=False) if n.lower().endswith(extensions)]
     identity = _identity(class_dir)
     if identity[0] >= started - int(RACY_SECONDS * 1e9):
         identity[0] = -1  # modified around the time we listed it: a same-tick change could be missing

@@ -57,7 +57,7 @@ import torch
 from data.file_index import exclusive_lock
 from data.folder import DataConfigError, ImageFileDataset, make_loaders
 from data.loaders import Loaders, ResumableDistributedSampler, register_builder
-from data.transforms import open_image
+from data.transforms import BadImage, open_image
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +238,6 @@ class ShardReader:
     def read(self, shard: int, offset: int, size: int) -> bytes:
         data = os.pread(self._fd(shard), size, offset)
         if len(data) != size:
-            from data.transforms import BadImage
-
             raise BadImage(f"{self.names[shard]} ends before byte {offset + size} (a truncated shard?)")
         return data
 
@@ -323,7 +321,10 @@ class ShardDataset(ImageFileDataset):
     """:class:`~data.folder.ImageFileDataset` whose samples are byte ranges of shards (:class:`ShardSamples`)."""
 
     def open(self, ref: ShardRef):
-        return open_image(self.samples.reader.read(ref.shard, ref.offset, ref.size))
+        limit = self.limits.get("max_file_bytes")
+        if limit and ref.size > limit:  # refused unread, as the folder path refuses such a file
+            raise BadImage(f"image of {ref.size / 2**20:.0f} MiB is over data.max_file_mb={limit >> 20} (not read)")
+        return open_image(self.samples.reader.read(ref.shard, ref.offset, ref.size), **self.limits)
 
 
 # ------------------------------------------------------------------------------------------------ order

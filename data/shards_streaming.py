@@ -31,7 +31,7 @@ import random
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.folder import DataConfigError
+from data.folder import DataConfigError, file_limits
 from data.loaders import Loaders, sample_seed
 from data.shards import is_remote, join, read_text, redact, register_url_schemes, shard_root
 from data.transforms import (
@@ -76,8 +76,10 @@ class StreamingShards(IterableDataset):
     """The samples of one rank's loader workers for one epoch, as ``(uint8 image, label, seed)``."""
 
     def __init__(self, urls: list[str], size: int, transform, *, train: bool, batch_size: int, rank: int,
-                 world_size: int, seed: int, num_workers: int, shuffle_buffer: int, num_classes: int, name: str):
+                 world_size: int, seed: int, num_workers: int, shuffle_buffer: int, num_classes: int, name: str,
+                 limits: dict | None = None):
         self.urls, self.size, self.transform, self.train, self.name = urls, size, transform, train, name
+        self.limits = limits or {}  # open_image's max_file_bytes / max_pixels (data.folder.file_limits)
         self.num_classes = num_classes
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.workers, self.shuffle_buffer = max(num_workers, 1), shuffle_buffer
@@ -169,7 +171,7 @@ class StreamingShards(IterableDataset):
         seed = sample_seed(self.seed, self.epoch, hash_key(raw.get("__key__", "")))
         try:
             with seeded(seed, preserve=get_worker_info() is None):
-                return self.transform(open_image(image)), label, seed
+                return self.transform(open_image(image, **self.limits)), label, seed
         except BadImage as e:
             self._count_skip(where, e)
             return None
@@ -210,7 +212,7 @@ class StreamingLoader:
 def build_streaming(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
     size = int(data_cfg.img_size)
     workers, batch = int(data_cfg.get("num_workers", 0)), int(data_cfg.batch_size)
-    loaders, sizes = {}, {}
+    loaders, sizes, limits = {}, {}, file_limits(data_cfg)
     for split_key, train in (("train_split", True), ("val_split", False)):
         urls, n = shard_list(data_cfg, split_key)
         transform = (TrainSampleTransform(aug_cfg, size) if train else
@@ -218,7 +220,8 @@ def build_streaming(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 
                                          _aug_get(aug_cfg, "interpolation", "bicubic")))
         ds = StreamingShards(urls, n, transform, train=train, batch_size=batch, rank=rank, world_size=world_size,
                              seed=seed, num_workers=workers, shuffle_buffer=int(data_cfg.get("shuffle_buffer") or 1000),
-                             num_classes=int(data_cfg.num_classes), name=f"{data_cfg.name}/{split_key.removesuffix('_split')}")
+                             num_classes=int(data_cfg.num_classes), name=f"{data_cfg.name}/{split_key.removesuffix('_split')}",
+                             limits=limits)
         loaders[split_key], sizes[split_key] = StreamingLoader(ds, BatchFinisher(aug_cfg, train=train), workers), n
         if train and len(urls) < world_size * max(workers, 1):
             log.warning("data.%s: %d shards for %d ranks x %d workers: some read the same shard in an epoch",

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402,F401  (registers the config resolvers)
-from data.folder import DataConfigError, dataset_samples  # noqa: E402
+from data.folder import DataConfigError, dataset_samples, file_limits  # noqa: E402
 from data.shards import INDEX_KIND, SAMPLE_DTYPE, shard_name  # noqa: E402
 from data.transforms import BadImage, decode_rgb, open_image  # noqa: E402
 from scripts.write_ffcv import compose_data_cfg  # noqa: E402
@@ -62,14 +62,19 @@ def parse_size(text: str) -> int:
     return int(float(m[1]) * (1024 if m[3].startswith("i") else 1000) ** " kmgt".index(m[2] or " "))
 
 
-def encode(path: str, max_resolution: int | None, jpeg_quality: int) -> tuple[bytes, str]:
-    """A sample's stored bytes and extension: the file as it is, or re-encoded when it is larger than asked."""
+def encode(path: str, max_resolution: int | None, jpeg_quality: int, limits: dict) -> tuple[bytes, str]:
+    """A sample's stored bytes and extension: the file as it is, or re-encoded when it is larger than asked.
+    ``limits`` (data.max_file_mb, data.max_image_pixels) refuse hostile files as training does."""
     try:
+        size = os.stat(path).st_size
+        if size > limits["max_file_bytes"]:
+            raise BadImage(f"file of {size / 2**20:.0f} MiB is over data.max_file_mb={limits['max_file_bytes'] >> 20} "
+                           "(not read)")
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise BadImage(f"{type(e).__name__}: {e}") from e
-    img = open_image(raw)
+    img = open_image(raw, **limits)
     w, h = img.size
     if max_resolution and max(w, h) > max_resolution:
         s = max_resolution / max(w, h)
@@ -108,7 +113,7 @@ def write_shard(task: dict) -> dict:
         with webdataset.TarWriter(f, encoder=False, mtime=0) as tar:  # an int: a float adds a pax header
             for path, label in task["items"]:
                 try:
-                    data, ext = encode(path, task["max_resolution"], task["jpeg_quality"])
+                    data, ext = encode(path, task["max_resolution"], task["jpeg_quality"], task["limits"])
                 except BadImage as e:
                     skipped.append((path, str(e)))
                     continue
@@ -162,21 +167,22 @@ def samples_digest(samples) -> str:
 
 
 def estimate_per_shard(samples, order: np.ndarray, shard_size: int, max_resolution: int | None,
-                       jpeg_quality: int) -> int:
+                       jpeg_quality: int, limits: dict) -> int:
     """Samples per shard for shards of about ``shard_size`` bytes, from up to 256 evenly spread samples."""
     sizes = []
     for i in order[np.linspace(0, len(order) - 1, min(256, len(order))).astype(np.int64)]:
         path = samples[int(i)][0]
         try:
-            sizes.append(len(encode(path, max_resolution, jpeg_quality)[0]) if max_resolution
-                         else os.path.getsize(path))
+            sizes.append(len(encode(path, max_resolution, jpeg_quality, limits)[0]) if max_resolution
+                         else min(os.path.getsize(path), limits["max_file_bytes"]))
         except (BadImage, OSError):
             continue
     mean = (sum(sizes) / len(sizes) if sizes else 100_000) + TAR_OVERHEAD
     return max(1, int(shard_size // mean))
 
 
-def write_split(split: str, samples, *, out: str, base: str, num_classes: int, args, source: str) -> dict:
+def write_split(split: str, samples, *, out: str, base: str, num_classes: int, args, source: str,
+                limits: dict) -> dict:
     settings = {"max_resolution": args.max_resolution or None, "jpeg_quality": args.jpeg_quality,
                 "seed": args.seed, "shard_size": args.shard_size}
     digest = samples_digest(samples)
@@ -199,7 +205,8 @@ def write_split(split: str, samples, *, out: str, base: str, num_classes: int, a
                              f"({plan_path}); rerun it with the same command, or delete .{split}.* and {split}-*.tar")
         log.info("resuming the write of %s into %s", split, out)
     else:
-        per_shard = estimate_per_shard(samples, order, args.shard_size, settings["max_resolution"], args.jpeg_quality)
+        per_shard = estimate_per_shard(samples, order, args.shard_size, settings["max_resolution"], args.jpeg_quality,
+                                       limits)
         plan = {"samples_sha256": digest, "settings": settings, "num_samples": len(samples),
                 "samples_per_shard": per_shard, "num_shards": max(1, math.ceil(len(samples) / per_shard))}
         os.makedirs(os.path.dirname(part_path(out, split, 0)), exist_ok=True)
@@ -216,7 +223,7 @@ def write_split(split: str, samples, *, out: str, base: str, num_classes: int, a
     def task(k: int) -> dict:
         items = [samples[int(i)] for i in order[k * per_shard:(k + 1) * per_shard]]
         return {"out": out, "split": split, "k": k, "items": items, "base": base,
-                "max_resolution": settings["max_resolution"], "jpeg_quality": args.jpeg_quality}
+                "max_resolution": settings["max_resolution"], "jpeg_quality": args.jpeg_quality, "limits": limits}
 
     with cf.ProcessPoolExecutor(args.num_workers, mp_context=mp.get_context("fork")) as pool:
         pending, queue = set(), iter(todo)
@@ -315,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data_cfg = compose_data_cfg(args.overrides)
         train, val, num_classes = dataset_samples(data_cfg)
+        limits = file_limits(data_cfg)  # data.max_file_mb / data.max_image_pixels: hostile files are skipped
         by_split = {"train": train, "val": val}
         splits = [s.strip() for s in args.splits.split(",") if s.strip()]
         unknown = [s for s in splits if s not in by_split]
@@ -329,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             except BlockingIOError:
                 raise UsageError(f"--out {args.out}: another write_shards.py is writing {split} there") from None
             write_split(split, by_split[split], out=args.out, base=base, num_classes=num_classes, args=args,
-                        source=f"data={data_cfg.name} root={data_cfg.root}")
+                        source=f"data={data_cfg.name} root={data_cfg.root}", limits=limits)
             lock.close()
     except (DataConfigError, UsageError) as e:
         print(f"write_shards.py: {e}", file=sys.stderr)

@@ -276,6 +276,28 @@ def test_max_resolution_reencodes_only_larger_images(source, tmp_path):
         assert (data == src.read_bytes()) == (max(sw, sh) <= 64)
 
 
+def test_writer_skips_hostile_files_unread_and_the_reader_applies_the_same_limits(tmp_path):
+    """A 12 GB sparse .jpg, a 144 Mpx PNG and a symlink loop (as in the folder path's reliability test): the writer
+    leaves them out without reading them whole; a shard sample over data.max_image_pixels is skipped and counted."""
+    from data.imagegen import write_hostile_files
+
+    src = tmp_path / "src"
+    write_image_folder(str(src / "train"), 2, 2, size=(72, 56))
+    write_image_folder(str(src / "val"), 2, 1, size=(72, 56), seed=1)
+    write_hostile_files(str(src / "train" / "n00000000"))
+    code, log = write_shards("data=folder", f"data.root={src}", "--num-workers", "1", out=tmp_path / "out")
+    assert code == 0, log[-3000:]
+    skipped = dict(line.split("\t") for line in (tmp_path / "out" / "train.skipped.tsv").read_text().splitlines())
+    assert {os.path.basename(p) for p in skipped} == {"huge_sparse.jpg", "bomb.png"}
+    assert "12288 MiB is over data.max_file_mb=256 (not read)" in skipped[str(src / "train/n00000000/huge_sparse.jpg")]
+    assert "over data.max_image_pixels" in skipped[str(src / "train/n00000000/bomb.png")]
+    assert json.loads((tmp_path / "out" / "train.json").read_text())["focalnet"]["num_samples"] == 4
+    small = build_loaders(wds_cfg(tmp_path / "out", num_classes=2, max_image_pixels=72 * 56 - 1), DEIT)
+    with pytest.raises(RuntimeError, match="unreadable images in a row"):
+        next(iter(small.val))  # every sample is over the limit
+    assert small.val.stats()["skipped_images"] == 64
+
+
 def test_log_lines_never_carry_credentials(caplog, tmp_path):
     from data.shards import ShardFetchError, fetch
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PYTHON, ROOT, run_train, train_env
-from test_data_distributed import check_exact_cover, run_ranks
+from test_data_distributed import check_exact_cover, run_ranks, unique_folder  # noqa: F401,F811  (a fixture)
 
 from data.imagegen import write_bad_images, write_image_folder
 from focalnet.engine.checkpointing import load_file
@@ -42,15 +42,10 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def unique_shards(tmp_path_factory):
-    """Every image its own class (test_data_distributed's folder), as shards: a label names a sample."""
-    source = tmp_path_factory.mktemp("uniq")
-    write_image_folder(str(source / "train"), 8, 1, size=(48, 40))
-    write_image_folder(str(source / "val"), 10, 1, size=(48, 40), seed=1)
-    (source / "train" / "n00000008").mkdir()
-    (source / "train" / "n00000009").mkdir()
+def unique_shards(unique_folder, tmp_path_factory):  # noqa: F811
+    """test_data_distributed's folder (labels identify samples) as shards."""
     out = tmp_path_factory.mktemp("uniq_wds")
-    write(source, out, "--shard-size", "3KB")  # about one image per shard
+    write(unique_folder, out, "--shard-size", "3KB")  # about one image per shard
     return out
 
 
