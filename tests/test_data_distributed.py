@@ -1,4 +1,5 @@
-"""Two real processes (rank 0 and 1) load one epoch: every sample is seen exactly once across ranks.
+"""Two real processes (rank 0 and 1) load one epoch (folder, FFCV and shard paths): every sample is seen exactly
+once across ranks.
 
 Labels identify samples: 10 classes, training holds one image of classes 0-7 and two of classes 8 and 9
 (every training class must hold images), validation one image per class. 12 training images, batch 2,
@@ -25,29 +26,34 @@ RANK_SCRIPT = r"""
 import json, sys
 from omegaconf import OmegaConf
 from data import build_loaders
-cfg, rank, epoch, start = OmegaConf.create(json.loads(sys.argv[1])), int(sys.argv[2]), 1, int(sys.argv[3])
+cfgs, rank, epoch, start = json.loads(sys.argv[1]), int(sys.argv[2]), 1, int(sys.argv[3])
 aug = OmegaConf.load("conf/aug/deit.yaml")
-loaders = build_loaders(cfg, aug, rank=rank, world_size=2, seed=123)
-loaders.train.set_epoch(epoch, start)
-train = [y.tolist() for _, y in loaders.train]
-val = [y.tolist() for _, y in loaders.val]
-print("RESULT" + json.dumps({"train": train, "val": val, "len": len(loaders.train)}))
-if hasattr(loaders.train, "close"):
-    loaders.train.close()
+for cfg in cfgs:
+    loaders = build_loaders(OmegaConf.create(cfg), aug, rank=rank, world_size=2, seed=123)
+    loaders.train.set_epoch(epoch, start)
+    train = [y.tolist() for _, y in loaders.train]
+    val = [y.tolist() for _, y in loaders.val]
+    print("RESULT" + json.dumps({"train": train, "val": val, "len": len(loaders.train)}))
+    if hasattr(loaders.train, "close"):
+        loaders.train.close()
 """
 
 
-def run_ranks(cfg: dict, start: int = 0) -> list[dict]:
+def run_ranks(cfg: dict | list[dict], start: int = 0) -> list:
+    """Both ranks' results for ``cfg``; for a list of configs (read by the same two processes, which saves
+    their start-up), a list of such results per config."""
+    cfgs = cfg if isinstance(cfg, list) else [cfg]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, json.dumps(cfg), str(rank), str(start)],
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, json.dumps(cfgs), str(rank), str(start)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]  # both ranks run at once, as under torchrun
-    results = []
+    per_rank = []
     for p in procs:
         out, err = p.communicate(timeout=400)
         assert p.returncode == 0, err[-3000:]
-        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[6:]))
-    return results
+        per_rank.append([json.loads(line[6:]) for line in out.splitlines() if line.startswith("RESULT")])
+    results = [list(r) for r in zip(*per_rank, strict=True)]
+    return results if isinstance(cfg, list) else results[0]
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +81,23 @@ def check_exact_cover(results, n_val=10):
 
 
 @pytest.mark.slow
-def test_folder_two_ranks_cover_each_sample_once_and_resume(unique_folder):
-    cfg = dict(name="folder", root=str(unique_folder), num_classes=10, img_size=32, batch_size=2,
-               num_workers=1, val_count=0, persistent_workers=False)
-    full = run_ranks(cfg)
-    check_exact_cover(full)
-    resumed = run_ranks(cfg, start=1)  # both ranks resume at batch 1: exactly the rest of each rank's epoch
-    assert [r["train"] for r in resumed] == [r["train"][1:] for r in full]
+def test_folder_and_shards_two_ranks_cover_each_sample_once_and_resume(unique_folder, tmp_path):
+    """The folder path, and the same images as webdataset shards (about one per shard) in data.shuffle=shards
+    order (shuffle=global is the folder path's sampler), read by the same two rank processes."""
+    out = tmp_path / "wds"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts/write_shards.py"), "data=folder", f"data.root={unique_folder}",
+           "--out", str(out), "--num-workers", "1", "--shard-size", "3KB"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    common = dict(num_classes=10, img_size=32, batch_size=2, num_workers=1, persistent_workers=False)
+    cfgs = [dict(name="folder", root=str(unique_folder), val_count=0, **common),
+            dict(name="wds", root=str(out), train_split="train", val_split="val", mode="indexed", shuffle="shards",
+                 shuffle_window=2, **common)]
+    full = run_ranks(cfgs)
+    resumed = run_ranks(cfgs, start=1)  # both ranks resume at batch 1: exactly the rest of each rank's epoch
+    for f, r in zip(full, resumed, strict=True):
+        check_exact_cover(f)
+        assert [x["train"] for x in r] == [x["train"][1:] for x in f]
 
 
 @pytest.mark.slow

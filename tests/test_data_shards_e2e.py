@@ -1,6 +1,6 @@
 """webdataset shards end to end: write them from a generated folder with bad images, then train through
-``data=wds`` with the real CLI: two torchrun ranks covering every sample once per epoch, and a SIGKILL mid-epoch
-followed by a bitwise-identical resume."""
+``data=wds`` with the real CLI: two torchrun ranks training and validating, and a SIGKILL mid-epoch followed by a
+bitwise-identical resume. Two ranks covering every sample once per epoch and resuming: test_data_distributed."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PYTHON, ROOT, run_train, train_env
-from test_data_distributed import check_exact_cover, run_ranks, unique_folder  # noqa: F401,F811  (a fixture)
 
 from data.imagegen import write_bad_images, write_image_folder
 from focalnet.engine.checkpointing import load_file
@@ -39,25 +38,6 @@ def shards(tmp_path_factory):
     write(source, out, "--shard-size", "20KB")  # several shards per split
     assert json.loads((out / "train.json").read_text())["focalnet"]["skipped"] == 3
     return out
-
-
-@pytest.fixture(scope="module")
-def unique_shards(unique_folder, tmp_path_factory):  # noqa: F811
-    """test_data_distributed's folder (labels identify samples) as shards."""
-    out = tmp_path_factory.mktemp("uniq_wds")
-    write(unique_folder, out, "--shard-size", "3KB")  # about one image per shard
-    return out
-
-
-def test_two_ranks_cover_each_sample_once_and_resume(unique_shards):
-    # data.shuffle=shards (the order of its own); global is the folder path's sampler, tested there
-    cfg = dict(name="wds", root=str(unique_shards), num_classes=10, img_size=32, batch_size=2, num_workers=1,
-               persistent_workers=False, train_split="train", val_split="val", mode="indexed", shuffle="shards",
-               shuffle_window=2)
-    full = run_ranks(cfg)
-    check_exact_cover(full)
-    resumed = run_ranks(cfg, start=1)
-    assert [r["train"] for r in resumed] == [r["train"][1:] for r in full]
 
 
 COMMON = ["model=focalnet_micro", "data=wds", "data.img_size=32", "data.batch_size=4", "data.num_workers=1",
