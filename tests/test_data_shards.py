@@ -421,3 +421,16 @@ def test_s3_urls_go_through_the_aws_cli_with_credentials_from_the_environment(sh
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(DataConfigError, match=r"data.root=s3://bucket/in1k: cannot read train.json .*exit 3"):
         build_loaders(OmegaConf.merge(cfg, {"cache_dir": str(tmp_path / "other")}), DEIT)
+
+
+def test_a_resume_may_move_the_shard_cache_but_not_change_the_order():
+    """A requeued job may land on a node with another local disk: data.cache_dir / cache_limit_gb are harmless
+    for resume; data.shuffle (the epoch order) is not."""
+    from focalnet.engine.rundir import config_changes
+
+    def cfg(**data):
+        return {"data": {"batch_size": 4, "cache_dir": "/nvme/a", "cache_limit_gb": None, "shuffle": "shards",
+                         **data}, "trainer": {"accum_steps": 1}}
+
+    assert config_changes(cfg(), 2, cfg(cache_dir="/scratch/b", cache_limit_gb=50), 2) == {}
+    assert config_changes(cfg(), 2, cfg(shuffle="global"), 2) == {"data.shuffle": ("shards", "global")}
