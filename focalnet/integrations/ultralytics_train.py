@@ -27,7 +27,6 @@ from focalnet.engine.config import (
     boolean,
     choice,
     integer,
-    list_of,
     mapping,
     non_finite_numbers,
     optional,
