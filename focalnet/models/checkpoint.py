@@ -129,14 +129,14 @@ def convert_official_to_timm(sd: Mapping[str, torch.Tensor], *, use_postln: bool
 
     Official post-LN blocks reuse the names ``norm1``/``norm2``; timm calls them ``norm1_post``/``norm2_post``.
     The state dict alone does not say which, so pass ``use_postln`` (``model.arch["use_postln"]``). When
-    omitted it is inferred: every official post-LN model uses conv-embed (L/XL/H) or is isotropic with
-    layerscale (base_iso).
+    omitted it is inferred: every official post-LN model uses conv-embed (L/XL/H); an isotropic model with
+    layerscale is post-LN only in the later reading of base_iso (no ``modulation.ln``; the released one is pre-LN).
     """
     if use_postln is None:
         stem = sd.get("patch_embed.proj.weight")
         conv_embed = stem is not None and stem.shape[-1] == 7
         iso_ls = not any(".downsample." in k for k in sd) and any(k.endswith("gamma_1") for k in sd)
-        use_postln = conv_embed or iso_ls
+        use_postln = conv_embed or (iso_ls and not any(".modulation.ln." in k for k in sd))
     out = {}
     for k, v in sd.items():
         k = re.sub(r"\.gamma_([12])$", r".ls\1.gamma", k)
