@@ -275,6 +275,16 @@ def load_checkpoint(
     ckpt_w = next((v for k, v in ckpt_head.items() if k.endswith("weight")), None)
     ckpt_n = ckpt_w.shape[0] if ckpt_w is not None else 0
     mode = head
+    if not ckpt_head and model_n and mode != "reinit":
+        # A headless file (e.g. timm's focalnet_huge_fl4.ms_in22k, published with num_classes=0): `auto` starts a
+        # fresh head; asking to keep or slice one is an error that says so.
+        if mode != "auto":
+            raise CheckpointError(
+                f"{source} has no classifier head (timm publishes focalnet_huge_fl4.ms_in22k without one), so "
+                f"head={mode!r} has nothing to {'slice' if mode == 'slice_22k_to_1k' else 'keep'}: use "
+                f"head='reinit' (trainer.init_head=reinit) for a fresh {model_n}-way head")
+        mode = "reinit"
+        report.notes.append("the checkpoint has no classifier head: a fresh one")
     if mode == "auto":
         if ckpt_n == model_n:
             mode = "strict"
@@ -283,7 +293,7 @@ def load_checkpoint(
         else:
             mode = "reinit"
     head_problem = None
-    if not ckpt_head:
+    if not ckpt_head and mode != "reinit":
         report.head = "absent"
     elif mode == "strict":
         if ckpt_n != model_n:
