@@ -9,7 +9,8 @@ References, run here: torchvision ``Resize(int(256/224*S), bicubic) + CenterCrop
 * eval (folder path, the default) and eval after a draft decode (libjpeg's DCT-domain 1/2..1/8 downscaling,
   PIL ``draft``: what evaluation did before it was made exact);
 * training crops with ``data.jpeg_draft=false`` (default) and ``true`` (same crop draws), and the CPU time per
-  crop (decode + crop + resize, one thread; best of alternated rounds) as a ratio to the full decode;
+  crop (decode + crop + resize, one thread; both timed per crop in alternating order) as a ratio to the full
+  decode (the 500x375 row, where draft never applies, shows the measurement noise);
 * the FFCV eval path for several ``write_ffcv.py`` settings (``--skip-ffcv`` to leave it out), and FFCV's JPEG
   decoder alone against PIL's on the same bytes.
 Times are only comparable within one invocation (shared machines).
@@ -21,6 +22,7 @@ import argparse
 import io
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -94,16 +96,21 @@ def folder_rows(paths_by_size: dict[str, list[str]], size: int, crops: int, roun
                 for tf, out in ((exact_tf, tr_exact), (draft_tf, tr_draft)):
                     with seeded(c):
                         out.append(absdiff(tf(open_image(blob)), timm_crop.permute(2, 0, 1)))
+        # CPU time of this single-threaded process (robust on a busy machine), each crop timed with both
+        # transforms back to back in alternating order; per transform, the median over rounds of the mean.
         times = {False: [], True: []}
         for r in range(rounds):
-            for draft in ((False, True) if r % 2 == 0 else (True, False)):
-                tf = draft_tf if draft else exact_tf
-                start = time.process_time()  # CPU time of this (single-threaded) process: robust on a busy machine
-                for c, blob in enumerate(blobs * crops):
+            total = {False: 0.0, True: 0.0}
+            for c, blob in enumerate(blobs * crops):
+                for draft in ((False, True) if (c + r) % 2 == 0 else (True, False)):
+                    tf = draft_tf if draft else exact_tf
                     with seeded(c):
+                        start = time.process_time()
                         tf(open_image(blob))
-                times[draft].append((time.process_time() - start) / (len(blobs) * crops) * 1e3)
-        ms_exact, ms_draft = min(times[False]), min(times[True])  # the least disturbed round of each
+                        total[draft] += time.process_time() - start
+            for draft, seconds in total.items():
+                times[draft].append(seconds / (len(blobs) * crops) * 1e3)
+        ms_exact, ms_draft = statistics.median(times[False]), statistics.median(times[True])
         rows.append((spec, stat(ev_exact), stat(ev_draft), stat(tr_exact), stat(tr_draft), f"{ms_exact:.1f}",
                      f"{ms_draft:.1f}", f"{ms_exact / ms_draft:.2f}x"))
     return rows
