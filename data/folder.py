@@ -344,12 +344,12 @@ def imagenet22k_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
     val: list[Sample] | None = None
     layout = data_cfg.get("label_layout") or "sorted"
     if data_cfg.get("train_map"):
-        maps = {k: os.path.join(root, str(data_cfg[k])) for k in ("train_map", "val_map") if data_cfg.get(k)}
-        pairs = {k: read_map_file(path, f"data.{k}") for k, path in maps.items()}
         mode = data_cfg.get("map_labels") or "wnid"
         if mode not in ("wnid", "file"):
             raise DataConfigError(f"data.map_labels={mode!r}; choose wnid (labels from the synsets in the paths, "
                                   "placed by data.label_layout) or file (the file's labels as written)")
+        maps = {k: os.path.join(root, str(data_cfg[k])) for k in ("train_map", "val_map") if data_cfg.get(k)}
+        pairs = {k: read_map_file(path, f"data.{k}") for k, path in maps.items()}
         class_to_idx = None
         if mode == "wnid" and layout == "sorted":
             class_to_idx = {c: i for i, c in enumerate(sorted({synset_of(p) for p, _ in pairs["train_map"]} - {None}))}

@@ -97,10 +97,10 @@ class UpdateSchedule:
     The official loop calls ``lr_scheduler.step_update(epoch * num_steps + idx)`` after each optimizer update,
     where ``num_steps = len(data_loader)`` counts micro-batches and ``idx`` is the 0-based index of the update's
     last micro-batch (under gradient accumulation FocalNet's main.py keeps counting micro-batches; Swin's later
-    main.py divides by the accumulation steps). So update ``s`` (1-based) runs with the LR of index ``s - 2``:
-    the first two updates both use the initial LR. ``step_update(num_updates=s)`` here applies the index the
-    official code passes after update ``s`` (0 before the first update), so the LR is a pure function of the
-    step and a resumed run continues the same curve.
+    main.py divides by the accumulation steps). Without accumulation, update ``s`` (1-based) thus runs with the
+    LR of index ``s - 2``: the first two updates share the initial LR. ``step_update(num_updates=s)`` applies
+    the index the official code passes after update ``s`` (0 before the first update), so the LR is a pure
+    function of the step and a resumed run continues the same curve.
     """
 
     def __init__(self, scheduler, batches_per_epoch: int, accum_steps: int):
