@@ -8,6 +8,8 @@ and key (map files, label layout, ``data.val_count`` hold-out, ...) works as in 
 becomes ``<out-dir>/<split>.beton`` with fields ``image`` (RGBImageField, ``proportion`` write mode:
 JPEG with probability ``--compress-probability``, raw pixels otherwise; longest side at most
 ``--max-resolution``) and ``label`` (IntField), plus ``<split>.beton.json`` (counts, classes, settings).
+Images are decoded whole; ``data.jpeg_draft=true`` lets JPEGs at least twice ``--max-resolution`` decode at
+1/2..1/8 scale first (libjpeg's DCT-domain downscaling: faster, other pixels).
 Unreadable images are stored as an 8x8 placeholder with label -1 (the writer cannot drop samples once
 started); the FFCV loaders skip them and report the count.
 """

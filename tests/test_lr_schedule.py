@@ -11,7 +11,9 @@ References:
   arguments (``tests/fixtures/timm032_lr_schedules.json``, which says how), and the installed timm called with the
   same arguments (``t_mul`` is ``cycle_mul`` today; 0.3.2's StepLRScheduler has no ``warmup_prefix``, i.e.
   today's ``warmup_prefix=False``).
-(slow) ``train/lr`` logged by ``train.py`` at every step equals that replayed official loop.
+Through ``train.py`` (slow, folded into runs ``tests/test_train_e2e.py`` makes anyway): the logged ``train/lr``
+equals that replayed official loop at every logged step, for cosine without accumulation and for cosine and step
+with ``trainer.accum_steps=3`` over 10 micro-batches per epoch (a micro-batch left over, never stepped on).
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import yaml
-from conftest import run_train
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
 from focalnet.engine.build import build_scheduler
@@ -126,38 +126,26 @@ def test_warmup_prefix_is_swins_later_switch():
     assert default[15 * n] < 0.9 * ours[15 * n]  # the two curves really differ mid-run
 
 
-# -- through train.py --------------------------------------------------------------------------------------
+def test_a_run_started_before_the_paper_exact_defaults_resumes_only_when_asked():
+    """Checkpoints written before ``schedule.warmup_prefix`` / ``data.jpeg_draft`` existed ran the prefix curve on
+    draft-decoded training crops (and focalnet_base_iso in the later reading): resuming them under the new
+    defaults is refused (it would change the run), and the README's upgrade command resumes them as they were."""
+    from conftest import compose_config
+    from omegaconf import OmegaConf
 
-E2E_EPOCHS, E2E_TRAIN, E2E_BATCH = 2, 80, 8  # 10 micro-batches per epoch
+    from focalnet.engine.rundir import ResumeRefused, check_resume_config
 
+    def cfg(*overrides):
+        return OmegaConf.to_container(compose_config(["experiment=in1k_focalnet_base_iso", "data.root=/data/imagenet",
+                                                      *overrides]))
 
-@pytest.mark.slow
-def test_logged_lr_equals_the_official_loop_through_train_py(tmp_path):
-    """One multirun over schedule x accumulation (10 micro-batches per epoch, so accum 3 leaves one batch over,
-    which the official loop also never steps on); every logged train/lr is compared. warmup_prefix=true goes
-    through the same code (test_warmup_prefix_is_swins_later_switch)."""
-    sweep = tmp_path / "sweep"
-    proc = run_train(["schedule=cosine,step", "trainer.accum_steps=1,3", "schedule.warmup_epochs=0.55",
-                      "schedule.decay_epochs=0.75", "schedule.decay_rate=0.5",
-                      "schedule.min_lr=1e-4", "optimizer.lr=0.05", f"trainer.epochs={E2E_EPOCHS}",
-                      f"data.train_size={E2E_TRAIN}", f"data.batch_size={E2E_BATCH}", "data.val_size=16",
-                      "trainer.eval_every=0", "trainer.log_every=1", f"hydra.sweep.dir={sweep}"],
-                     flags=["-m"], timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    runs = sorted(p.parent for p in sweep.glob("*/metrics.jsonl"))
-    assert len(runs) == 4
-    n_iter = E2E_TRAIN // E2E_BATCH
-    for run in runs:
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
-        sched, accum = cfg["schedule"], cfg["trainer"]["accum_steps"]
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        derived = next(r for r in records if "derived/lr" in r)
-        logged = {r["step"]: r["train/lr"] for r in records if "train/lr" in r}
-        ref_sched = official_scheduler(sched["name"], _optimizer(derived["derived/lr"]), epochs=E2E_EPOCHS,
-                                       n_iter=n_iter, warmup_epochs=sched["warmup_epochs"],
-                                       warmup_lr=derived["derived/warmup_lr"], min_lr=derived["derived/min_lr"],
-                                       decay_epochs=sched["decay_epochs"], decay_rate=sched["decay_rate"],
-                                       warmup_prefix=sched["warmup_prefix"])
-        ref = official_loop_lrs(ref_sched, epochs=E2E_EPOCHS, n_iter=n_iter, accum=accum)
-        assert sorted(logged) == list(range(1, len(ref) + 1)), run
-        assert [logged[s] for s in sorted(logged)] == ref, (run, sched, accum)
+    old = cfg()
+    del old["schedule"]["warmup_prefix"], old["data"]["jpeg_draft"]
+    with pytest.raises(ResumeRefused, match=r"schedule\.warmup_prefix: '<absent>' -> False"):
+        check_resume_config("last.pt", old, 1, cfg(), 1)
+    upgrade = cfg("schedule.warmup_prefix=true", "data.jpeg_draft=true", "+model.kwargs.use_postln=true",
+                  "+model.kwargs.use_postln_in_modulation=false",
+                  "trainer.resume_allow_changes=[schedule.warmup_prefix,data.jpeg_draft,model.kwargs]")
+    changes = check_resume_config("last.pt", old, 1, upgrade, 1)
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in changes} == {"schedule.warmup_prefix", "data.jpeg_draft",
+                                                                          "model.kwargs"}, changes
