@@ -191,9 +191,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: Mapping, *, tot
     prefix = bool(sched_cfg.get("warmup_prefix", False))
     name = sched_cfg["name"]
     if name == "cosine":
-        scheduler = CosineLRScheduler(optimizer, t_initial=max(total - warmup if prefix else total, 1),
-                                      lr_min=min_lr, warmup_t=warmup, warmup_lr_init=warmup_lr,
-                                      warmup_prefix=prefix, cycle_limit=1, t_in_epochs=False)
+        if total - warmup < 2:
+            warmup_updates = min(-(-warmup // accum_steps), total_steps)
+            log.warning("schedule=cosine: %d of the run's %d updates are warmup (schedule.warmup_epochs=%g), so the "
+                        "LR never decays; fine for a smoke test, otherwise raise trainer.epochs/max_steps or lower "
+                        "schedule.warmup_epochs", warmup_updates, total_steps, sched_cfg["warmup_epochs"])
+        # timm warns "Cosine annealing scheduler will have no effect" (t_initial == 1) itself: said above instead.
+        timm_log = logging.getLogger("timm.scheduler.cosine_lr")
+        level = timm_log.level
+        timm_log.setLevel(logging.ERROR)
+        try:
+            scheduler = CosineLRScheduler(optimizer, t_initial=max(total - warmup if prefix else total, 1),
+                                          lr_min=min_lr, warmup_t=warmup, warmup_lr_init=warmup_lr,
+                                          warmup_prefix=prefix, cycle_limit=1, t_in_epochs=False)
+        finally:
+            timm_log.setLevel(level)
     elif name in ("step", "constant"):
         decay_t = int(sched_cfg["decay_epochs"] * batches_per_epoch) if name == "step" else 1
         scheduler = StepLRScheduler(optimizer, decay_t=max(decay_t, 1),
