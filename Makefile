@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python scripts/bench_model.py
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_data.py
+	$(BIN)/python scripts/bench_pixels.py
 	$(BIN)/python scripts/bench_detectors.py
 
 demo: install

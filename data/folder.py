@@ -15,9 +15,13 @@ Layouts
   head maps to 1K by slicing. ``data.label_layout=sorted`` uses sorted folder order instead.
   fall11 has no validation split: ``data.val_count=N`` holds out N training images (a fixed choice,
   independent of the run's seed), or point ``data.val_split`` / ``data.val_map`` at your own.
-* Swin/FocalNet map files: ``data.train_map`` / ``data.val_map`` name text files (relative to
-  ``data.root``) with one ``relative/path<TAB>label`` per line; paths are relative to
-  ``data.root/data.image_dir``. Labels are taken as written.
+* Swin/FocalNet map files: ``data.train_map`` / ``data.val_map`` name files (relative to ``data.root``)
+  listing ``relative/path<TAB>label`` lines, or Swin's ImageNet-22K annotation JSON ``[[relative/path, label],
+  ...]`` (microsoft/Swin-Transformer ``data/imagenet22k_dataset.py``); paths are relative to
+  ``data.root/data.image_dir``. Labels come from the synset (wnid) in each path, placed by
+  ``data.label_layout`` like the folders (Swin's files number the classes in its own 21841-class order, where
+  the ImageNet-1K classes are scattered); when the file's integers disagree, one warning says how many and
+  the synset wins. ``data.map_labels=file`` takes the integers as written instead (paths without a synset).
 
 Every dataset yields ``(uint8 image (3, S, S), label, sample seed)``; the loader's collate function
 (:class:`data.transforms.FinishingCollate`, in the worker) turns them into the contract's normalized float
@@ -28,9 +32,12 @@ index, so every rank keeps the same batch count and size.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import multiprocessing as mp
 import os
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -125,22 +132,88 @@ def scan_folder(split_dir: str, key: str, class_to_idx: dict[str, int] | None = 
     return classes, files.samples([class_to_idx[c] for c in classes])
 
 
-def read_map_file(map_path: str, image_root: str, key: str) -> list[Sample]:
-    """Swin/FocalNet map file: ``relative/path<TAB>label`` per line (whitespace also accepted)."""
+def read_map_file(map_path: str, key: str) -> list[Sample]:
+    """``(relative path, label)`` pairs of a map file: ``relative/path<TAB>label`` lines (whitespace also
+    accepted; Swin's ImageNet-1K ``*_map.txt``) or a JSON list ``[[relative/path, label], ...]`` (Swin's
+    ImageNet-22K ``ILSVRC2011fall_whole_map_*.txt``, read with ``json.load`` by its ``IN22KDATASET``)."""
     if not os.path.isfile(map_path):
         raise DataConfigError(f"{key}: no such map file {map_path}")
-    samples: list[Sample] = []
     with open(map_path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataConfigError(f"{key}: {map_path} is not valid JSON ({e})") from e
+        pairs = []
+        for n, entry in enumerate(entries):
+            if not (isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[0], str)
+                    and isinstance(entry[1], int | str) and str(entry[1]).lstrip("-").isdigit()):
+                raise DataConfigError(f"{key}: {map_path} entry {n}: expected [relative_path, label], got {entry!r}")
+            pairs.append((entry[0], int(entry[1])))
+    else:
+        pairs = []
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split("\t") if "\t" in line else line.rsplit(None, 1)
             if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
                 raise DataConfigError(f"{key}: {map_path}:{n}: expected 'path<TAB>label', got {line!r}")
-            samples.append((os.path.join(image_root, parts[0]), int(parts[1])))
-    if not samples:
+            pairs.append((parts[0], int(parts[1])))
+    if not pairs:
         raise DataConfigError(f"{key}: map file {map_path} is empty")
+    return pairs
+
+
+_WNID = re.compile(r"n\d{8}")
+
+
+def synset_of(path: str) -> str | None:
+    """The wnid a path names: its folder (``.../n01440764/x.JPEG``) or its file prefix (``n01440764_10026.JPEG``)."""
+    parts = path.replace("\\", "/").split("/")
+    if len(parts) >= 2 and _WNID.fullmatch(parts[-2]):
+        return parts[-2]
+    m = _WNID.match(parts[-1])
+    return m.group(0) if m and parts[-1][m.end():m.end() + 1] in ("_", ".") else None
+
+
+@functools.cache
+def swin_22k_labels() -> dict[str, int]:
+    """wnid -> the label Swin's ImageNet-22K files give it: its index among the 21843 ids of Google's BiT list
+    (``timm.data.ImageNetInfo('imagenet21k_goog')``), the last two moved to the two imageless ids 9205 and 15027
+    (microsoft/Swin-Transformer data/imagenet22k_dataset.py: "map 21841->9205; 21842->15027")."""
+    from timm.data import ImageNetInfo
+
+    labels = {s: i for i, s in enumerate(ImageNetInfo("imagenet21k_goog").label_names())}
+    return {s: {21841: 9205, 21842: 15027}.get(i, i) for s, i in labels.items()}
+
+
+def map_file_samples(pairs: list[tuple[str, int]], image_root: str, class_to_idx: dict[str, int] | None,
+                     key: str, map_path: str, layout: str) -> list[Sample]:
+    """Map-file pairs -> samples. ``class_to_idx`` (data.map_labels=wnid): each label is the index of the
+    path's synset; disagreeing integers in the file are counted and reported once. ``None``: labels as written."""
+    if class_to_idx is None:
+        return [(os.path.join(image_root, p), lab) for p, lab in pairs]
+    samples, differ, swin, example = [], 0, 0, None
+    for p, written in pairs:
+        wnid = synset_of(p)
+        if wnid is None or wnid not in class_to_idx:
+            what = "no synset (nXXXXXXXX folder or file prefix)" if wnid is None else \
+                f"synset {wnid}, which is not in data.label_layout={layout}"
+            raise DataConfigError(f"{key}: {map_path}: {p!r} has {what}; data.map_labels=file takes the file's "
+                                  "labels as written")
+        label = class_to_idx[wnid]
+        if written != label:
+            differ += 1
+            swin += written == swin_22k_labels().get(wnid)
+            example = example or f"{p}: {written} in the file, {label} for {wnid}"
+        samples.append((os.path.join(image_root, p), label))
+    if differ:
+        order = (" They are Swin's 21841-class order (BiT's ids, two remapped; microsoft/Swin-Transformer "
+                 "data/imagenet22k_dataset.py).") if swin == differ else ""
+        log.warning("%s: %d of %d labels in %s differ from their synset's index in data.label_layout=%s (e.g. %s)."
+                    "%s Using the synsets' indices; data.map_labels=file uses the file's labels as written.",
+                    key, differ, len(pairs), map_path, layout, example, order)
     return samples
 
 
@@ -256,8 +329,8 @@ def make_loaders(train_samples: Samples, val_samples: Samples, num_classes: int,
     test_crop = bool(aug_cfg.get("test_crop", True)) if aug_cfg is not None else True
     interp = (aug_cfg.get("interpolation", "bicubic") if aug_cfg is not None else "bicubic") or "bicubic"
     limits = file_limits(data_cfg)
-    train_ds = dataset(train_samples, TrainSampleTransform(aug_cfg, size), name=f"{data_cfg.name}/train",
-                       limits=limits)
+    train_tf = TrainSampleTransform(aug_cfg, size, jpeg_draft=bool(data_cfg.get("jpeg_draft", False)))
+    train_ds = dataset(train_samples, train_tf, name=f"{data_cfg.name}/train", limits=limits)
     val_ds = dataset(val_samples, EvalSampleTransform(size, test_crop, interp), name=f"{data_cfg.name}/val",
                      limits=limits)
     batch_size, workers = int(data_cfg.batch_size), int(data_cfg.get("num_workers", 0))
@@ -315,12 +388,26 @@ def imagenet22k_samples(data_cfg) -> tuple[Samples, Samples, int]:
     num_classes = int(data_cfg.num_classes)
     image_root = os.path.join(root, str(data_cfg.get("image_dir") or ""))
     val: Samples | None = None
+    layout = data_cfg.get("label_layout") or "sorted"
     if data_cfg.get("train_map"):
-        train = read_map_file(os.path.join(root, str(data_cfg.train_map)), image_root, "data.train_map")
-        if data_cfg.get("val_map"):
-            val = read_map_file(os.path.join(root, str(data_cfg.val_map)), image_root, "data.val_map")
+        mode = data_cfg.get("map_labels") or "wnid"
+        if mode not in ("wnid", "file"):
+            raise DataConfigError(f"data.map_labels={mode!r}; choose wnid (labels from the synsets in the paths, "
+                                  "placed by data.label_layout) or file (the file's labels as written)")
+        maps = {k: os.path.join(root, str(data_cfg[k])) for k in ("train_map", "val_map") if data_cfg.get(k)}
+        pairs = {k: read_map_file(path, f"data.{k}") for k, path in maps.items()}
+        class_to_idx = None
+        if mode == "wnid" and layout == "sorted":
+            class_to_idx = {c: i for i, c in enumerate(sorted({synset_of(p) for p, _ in pairs["train_map"]} - {None}))}
+        elif mode == "wnid":
+            class_to_idx = imagenet22k_class_to_idx(layout)
+        if class_to_idx is not None:
+            check_num_classes(data_cfg, len(class_to_idx), f"data.label_layout={layout} (data.map_labels=wnid)")
+        train = map_file_samples(pairs["train_map"], image_root, class_to_idx, "data.train_map", maps["train_map"],
+                                 layout)
+        if "val_map" in pairs:
+            val = map_file_samples(pairs["val_map"], image_root, class_to_idx, "data.val_map", maps["val_map"], layout)
     else:
-        layout = data_cfg.get("label_layout") or "sorted"
         train_dir, val_dir = _split_paths(data_cfg, root)
         if layout == "sorted":
             classes, train = scan_folder(train_dir, "data.root/data.train_split")

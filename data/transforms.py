@@ -8,9 +8,11 @@ RandomErasing. We keep timm's objects for every random decision and split the wo
 1. ``TrainSampleTransform`` (per sample, in a loader worker): robust decode, RandomResizedCrop, flip and
    RandAugment, giving a ``uint8`` (3, H, W) tensor. The crop is resized by torch's native antialiased
    ``uint8`` bicubic kernel on a channels-last view (about 2x faster than PIL's here, same filter, within
-   a grey level or two) after libjpeg DCT-domain downscaling (PIL ``draft``) whenever the crop is at
-   least twice the output size. The FFCV path decodes in FFCV and runs ``crop_array`` (the same draws
-   and resize on the decoded full-resolution pixels) and ``augment_array`` (flip + RandAugment) here.
+   a grey level or two). With ``data.jpeg_draft=true``, libjpeg first downscales in the DCT domain (PIL
+   ``draft``) whenever the crop is at least twice the output size: faster on large JPEGs, but not the same
+   pixels as a full decode (see the README). The FFCV path decodes in FFCV and runs ``crop_array`` (the
+   same draws and resize on the decoded full-resolution pixels) and ``augment_array`` (flip + RandAugment).
+   ``EvalSampleTransform`` is the official eval transform exactly (full decode, PIL resize + center crop).
 2. ``BatchFinisher`` (per sample, where the batch is assembled: the DataLoader worker's collate function
    :class:`FinishingCollate`, or the FFCV path's augmentation processes): normalize, then timm
    ``RandomErasing``. The main process receives finished float batches.
@@ -218,13 +220,16 @@ def timm_train_stages(aug_cfg, img_size: int):
 
 
 class TrainSampleTransform:
-    """Opened image -> uint8 (3, S, S): RandomResizedCrop (+draft), flip, RandAugment. Call under ``seeded``.
+    """Opened image -> uint8 (3, S, S): RandomResizedCrop, flip, RandAugment. Call under ``seeded``.
 
     ``aug.scale: null`` replaces the random crop by the eval geometry (resize + center crop, ``aug.test_crop``),
     as ``aug=none`` asks: training then sees what evaluation sees, plus whatever flip/RandAugment is set.
+    ``jpeg_draft`` (``data.jpeg_draft``): decode JPEGs at 1/2..1/8 scale when the crop is that much larger
+    than the output (libjpeg's DCT-domain downscaling, PIL ``draft``).
     """
 
-    def __init__(self, aug_cfg, img_size: int):
+    def __init__(self, aug_cfg, img_size: int, jpeg_draft: bool = False):
+        self.jpeg_draft = bool(jpeg_draft)
         primary, secondary = timm_train_stages(aug_cfg, img_size)
         self.rrc = primary.transforms[0]          # timm RandomResizedCropAndInterpolation
         self.flips = primary.transforms[1:]       # torchvision RandomHorizontalFlip(aug.hflip), if > 0
@@ -259,7 +264,7 @@ class TrainSampleTransform:
         full_w, full_h = img.size
         out_h, out_w = self.size
         reduce = 1
-        while reduce < 8 and h >= 2 * reduce * out_h and w >= 2 * reduce * out_w:
+        while self.jpeg_draft and reduce < 8 and h >= 2 * reduce * out_h and w >= 2 * reduce * out_w:
             reduce *= 2
         pixels = _decode_jpeg_rgb(img) if reduce == 1 else None
         if pixels is not None:
@@ -354,11 +359,13 @@ def _identity(arr: np.ndarray) -> np.ndarray:
 
 
 class EvalSampleTransform:
-    """Opened image -> uint8 (3, S, S), the official eval transform.
+    """Opened image -> uint8 (3, S, S), the official eval transform, pixel for pixel.
 
     ``test_crop=True``: resize the short side to ``int(256 / 224 * S)`` then center-crop S (the
     official ``TEST.CROP``); ``test_crop=False`` (384 fine-tunes): resize straight to (S, S).
-    PIL resizes as the official code does; ``draft`` only skips DCT work the resize would discard.
+    PIL decodes the whole image and resizes it as the official code (torchvision's ``Resize`` on PIL) does.
+    No JPEG ``draft`` here: libjpeg's DCT-domain downscaling is a different filter (up to ~45 grey levels
+    off on a 200x150 JPEG evaluated at 32 px), and evaluation must reproduce the official numbers.
     """
 
     def __init__(self, img_size: int, test_crop: bool = True, interpolation: str = "bicubic"):
@@ -367,13 +374,7 @@ class EvalSampleTransform:
         self.resize_to = int(256 / 224 * self.size)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        w, h = img.size
-        if self.test_crop:
-            short = min(w, h)
-            need = (math.ceil(w * self.resize_to / short), math.ceil(h * self.resize_to / short))
-        else:
-            need = (self.size, self.size)
-        rgb = decode_rgb(img, need)
+        rgb = decode_rgb(img)
         if self.test_crop:
             rgb = TF.center_crop(TF.resize(rgb, self.resize_to, interpolation=self.interp), [self.size])
         else:

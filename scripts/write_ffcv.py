@@ -8,6 +8,8 @@ and key (map files, label layout, ``data.val_count`` hold-out, ...) works as in 
 becomes ``<out-dir>/<split>.beton`` with fields ``image`` (RGBImageField, ``proportion`` write mode:
 JPEG with probability ``--compress-probability``, raw pixels otherwise; longest side at most
 ``--max-resolution``) and ``label`` (IntField), plus ``<split>.beton.json`` (counts, classes, settings).
+Images are decoded whole; ``data.jpeg_draft=true`` lets JPEGs at least twice ``--max-resolution`` decode at
+1/2..1/8 scale first (libjpeg's DCT-domain downscaling: faster, other pixels).
 Unreadable images are stored as an 8x8 placeholder with label -1 (the writer cannot drop samples once
 started); the FFCV loaders skip them and report the count.
 """
@@ -37,8 +39,8 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 class BetonSource:
     """Indexable (image HxWx3 uint8, label) source for FFCV's DatasetWriter; never raises on bad files."""
 
-    def __init__(self, samples, max_resolution: int | None):
-        self.samples, self.max_resolution = samples, max_resolution
+    def __init__(self, samples, max_resolution: int | None, jpeg_draft: bool = False):
+        self.samples, self.max_resolution, self.jpeg_draft = samples, max_resolution, jpeg_draft
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -49,8 +51,9 @@ class BetonSource:
             img = open_image(path)
             w, h = img.size
             draft = None
-            if self.max_resolution and max(w, h) >= 2 * self.max_resolution:
-                # Let libjpeg decode at 1/2..1/8 scale when the stored size is that small anyway.
+            if self.jpeg_draft and self.max_resolution and max(w, h) >= 2 * self.max_resolution:
+                # data.jpeg_draft: let libjpeg decode at 1/2..1/8 scale when the stored size is that small anyway
+                # (faster; other pixels than FFCV's resize of the full decode).
                 s = self.max_resolution / max(w, h)
                 draft = (math.ceil(w * s), math.ceil(h * s))
             return np.asarray(decode_rgb(img, draft), dtype=np.uint8), label
@@ -69,7 +72,8 @@ def compose_data_cfg(overrides: list[str]):
 
 
 def write_split(samples, out_path: str, *, num_classes: int, max_resolution: int | None, jpeg_quality: int,
-                compress_probability: float, num_workers: int, chunk_size: int, source: str) -> dict:
+                compress_probability: float, num_workers: int, chunk_size: int, source: str,
+                jpeg_draft: bool = False) -> dict:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter
@@ -83,7 +87,7 @@ def write_split(samples, out_path: str, *, num_classes: int, max_resolution: int
     start = time.time()
     # FFCV shows a tqdm progress bar while its worker processes encode.
     DatasetWriter(out_path, fields, num_workers=num_workers).from_indexed_dataset(
-        BetonSource(samples, max_resolution), chunksize=chunk_size)
+        BetonSource(samples, max_resolution, jpeg_draft), chunksize=chunk_size)
     reader = Reader(out_path)
     labels = reader.metadata[f"f{list(reader.handlers).index('label')}"]
     meta = {
@@ -126,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = write_split(by_split[split], out, num_classes=num_classes,
                            max_resolution=args.max_resolution or None, jpeg_quality=args.jpeg_quality,
                            compress_probability=args.compress_probability, num_workers=args.num_workers,
-                           chunk_size=args.chunk_size, source=f"data={data_cfg.name} root={data_cfg.root}")
+                           chunk_size=args.chunk_size, source=f"data={data_cfg.name} root={data_cfg.root}",
+                           jpeg_draft=bool(data_cfg.get("jpeg_draft", False)))
         log.info("%s: %d samples, %d skipped (unreadable), %.1f MB in %.1f s", out, meta["num_samples"],
                  meta["skipped_images"], meta["bytes"] / 1e6, meta["seconds"])
     return 0

@@ -47,3 +47,15 @@ def test_bench_data_compares_the_four_pipelines(tmp_path):
     for path in ("(a)", "(b)", "(c)", "(d) ours: data=imagenet1k_wds"):
         assert path in out
     assert "shards (d) vs folder (b)" in out
+
+
+def test_bench_pixels_measures_the_folder_decode_paths(tmp_path, capsys):
+    """In process and tiny (a subprocess costs a torch import). Its FFCV section writes and reads four .beton
+    files, minutes on CI, so it is left out; the raw-pixel FFCV path's equality with the folder path is
+    tests/test_data_ffcv.py's."""
+    from scripts.bench_pixels import main
+
+    assert main(["--sizes", "120x90,500x375", "--images", "1", "--crops", "1", "--rounds", "1", "--img-size", "64",
+                 "--dir", str(tmp_path), "--skip-ffcv"]) == 0
+    rows = {line.split("|")[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("|")}
+    assert rows["500x375"].startswith("|500x375|0.00 / 0|") and rows["500x375"].endswith("x|")  # eval is exact

@@ -166,7 +166,9 @@ def test_22k_head_sliced_to_1k():
 
 
 def test_legacy_isotropic_modulation_ln_checkpoint_loads():
-    """focalnet_base_iso_16.pth (microsoft/FocalNet #23): `modulation.ln` = LayerNorm inside the modulation."""
+    """A model built with the later reading of base_iso's flags (block post-LN) still loads the released
+    focalnet_base_iso_16.pth layout (microsoft/FocalNet #23: `modulation.ln` = LayerNorm inside the modulation),
+    switched to that architecture. (focalnet_base_iso itself builds it: tests/test_iso_official.py.)"""
     iso = dict(embed_dim=32, depths=(2,), use_layerscale=True)  # a small focalnet_base_iso
     torch.manual_seed(1)
     trained = create_model("focalnet_base_iso", **iso, use_postln=False, use_postln_in_modulation=True).eval()
@@ -175,8 +177,8 @@ def test_legacy_isotropic_modulation_ln_checkpoint_loads():
     released = {"model": trained.state_dict()}
     assert any(".modulation.ln." in k for k in released["model"])
 
-    official_build = create_model("focalnet_base_iso", **iso)  # today's flags: layerscale + block post-LN
-    assert official_build.arch["use_postln"] and not official_build.arch["use_postln_in_modulation"]
+    # The later official reading of the flags (layerscale + block post-LN, no modulation LN).
+    official_build = create_model("focalnet_base_iso", **iso, use_postln=True, use_postln_in_modulation=False)
     report = load_checkpoint(official_build, released)
     assert any("#23" in note for note in report.notes)
     assert _same_outputs(trained, official_build, size=64)

@@ -81,6 +81,10 @@ def test_every_official_variant_is_registered():
 def test_param_count_matches_paper(name):
     expected = PAPER[ALIASES.get(name, name)][0]
     tol = 0.5 if isinstance(expected, int) else 0.05
+    if name == "focalnet_base_iso":
+        # 87.256M, exactly the paper-era official module and the released checkpoint (tests/test_iso_official.py);
+        # the paper's 87.2 leaves out 18,432 of them (its 12 modulation LayerNorms, or its layerscale gammas).
+        tol = 0.06
     assert abs(_n_params(_meta_model(name)) / 1e6 - expected) <= tol
 
 

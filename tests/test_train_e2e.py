@@ -5,7 +5,9 @@
 * a run killed with SIGKILL mid-epoch, or stopped with SIGTERM, and relaunched with ``trainer.resume=auto``
   ends bitwise identical (weights, EMA, optimizer) to an uninterrupted run;
 * ``torchrun --nproc_per_node=2`` (gloo): one run dir, identical weights on both ranks, exact val counts;
-* ``-m optimizer.lr=a,b``: two complete runs, two W&B runs;
+* ``-m schedule=cosine,step``: two complete runs, two W&B runs;
+* the logged ``train/lr`` equals timm's scheduler built with the official arguments and stepped as the official
+  ``main.py`` steps it (``tests/test_lr_schedule.py``), with and without gradient accumulation;
 * invalid configs exit non-zero naming the key.
 """
 
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import PYTHON, run_train, start_paused_at, train_env, wandb_run_record
+from test_lr_schedule import official_loop_lrs, official_scheduler
 
 from focalnet.engine.checkpointing import load_file
 from focalnet.engine.trainer import EXIT_PREEMPTED
@@ -43,6 +47,24 @@ def wandb_summary(run_path: Path) -> dict:
     return json.loads(out.stdout)
 
 
+def assert_lr_is_the_official_curve(run_dir: Path, *, epochs: int, batches_per_epoch: int) -> None:
+    """Every logged ``train/lr`` (after update s) equals the LR the official loop's optimizer holds after update s."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    sched = cfg["schedule"]
+    records = read_metrics(run_dir)
+    derived = next(r for r in records if "derived/lr" in r)
+    logged = {r["step"]: r["train/lr"] for r in records if "train/lr" in r}
+    ref = official_loop_lrs(
+        official_scheduler(sched["name"], torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=derived["derived/lr"]),
+                           epochs=epochs, n_iter=batches_per_epoch, warmup_epochs=sched["warmup_epochs"],
+                           warmup_lr=derived["derived/warmup_lr"], min_lr=derived["derived/min_lr"],
+                           decay_epochs=sched["decay_epochs"], decay_rate=sched["decay_rate"],
+                           warmup_prefix=sched["warmup_prefix"]),
+        epochs=epochs, n_iter=batches_per_epoch, accum=cfg["trainer"]["accum_steps"])
+    assert logged and max(logged) == len(ref), (sorted(logged), len(ref))
+    assert {s: logged[s] for s in sorted(logged)} == {s: ref[s - 1] for s in sorted(logged)}, (run_dir, sched)
+
+
 def check(proc: subprocess.CompletedProcess, code: int = 0) -> None:
     assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
@@ -59,6 +81,7 @@ def test_learns_and_writes_checkpoints_metrics_and_wandb(tmp_path):
     assert len(vals) == 2 and vals[-1]["val/top1"] >= 50.0 and vals[-1]["val/count"] == 64  # chance: 10%
     assert "val_ema/top1" in vals[-1] and metrics[0]["derived/lr"] == pytest.approx(0.03 * 32 / 512)
     assert {"train/grad_norm", "train/lr", "train/img_per_s"} <= set(metrics[1])
+    assert_lr_is_the_official_curve(run_dir, epochs=2, batches_per_epoch=256 // 32)
 
     last = load_file(run_dir / "checkpoints" / "last.pt")
     best = load_file(run_dir / "checkpoints" / "best.pt")
@@ -162,20 +185,26 @@ def test_torchrun_two_ranks_gloo(tmp_path):
 
 
 def test_multirun_sweep_gives_two_runs_and_two_wandb_runs(tmp_path):
+    """Also the LR curve through train.py under accumulation: 10 micro-batches per epoch and accum 3 leave one
+    batch over, which the official loop never steps on; warmup and step decays end mid-epoch."""
     out_root = tmp_path / "outputs"
-    check(run_train(["optimizer.lr=1e-3,2e-3", "logger.wandb.mode=offline"], flags=["-m"],
+    check(run_train(["schedule=cosine,step", "trainer.accum_steps=3", "schedule.warmup_epochs=0.55",
+                     "schedule.decay_epochs=0.75", "schedule.decay_rate=0.5", "schedule.min_lr=1e-4",
+                     "optimizer.lr=0.05", "trainer.epochs=2", "data.train_size=40", "data.batch_size=4",
+                     "data.val_size=16", "logger.wandb.mode=offline"], flags=["-m"],
                     env=train_env(FOCALNET_OUTPUT_ROOT=str(out_root))))
     (sweep,) = (out_root / "multirun").iterdir()
-    ids, lrs = set(), set()
+    ids, schedules = set(), set()
     for job in ("0", "1"):
         ckpt = load_file(sweep / job / "checkpoints" / "last.pt")
-        assert ckpt["step"] == 8
+        assert ckpt["step"] == 6  # 2 epochs x 3 updates
         (wandb_run,) = (sweep / job / "wandb").glob("offline-run-*")
         summary = wandb_summary(wandb_run)
         assert summary["state"] == "finished" and "val/top1" in summary["summary"]
         ids.add(summary["run_id"])
-        lrs.add(summary["config"]["optimizer"]["lr"])
-    assert len(ids) == 2 and lrs == {1e-3, 2e-3}
+        schedules.add(summary["config"]["schedule"]["name"])
+        assert_lr_is_the_official_curve(sweep / job, epochs=2, batches_per_epoch=40 // 4)
+    assert len(ids) == 2 and schedules == {"cosine", "step"}
 
 
 @pytest.mark.parametrize("override, expected, code", [

@@ -115,6 +115,7 @@ SCHEMA: dict[str, Any] = {
     "schedule": {
         "name": choice("cosine", "step", "constant"), "warmup_epochs": _NONNEG, "warmup_lr": _NONNEG,
         "min_lr": _NONNEG, "decay_epochs": number(0, lo_open=True), "decay_rate": number(0, lo_open=True),
+        "warmup_prefix": boolean,
     },
     "aug": {
         "auto_augment": optional(string), "color_jitter": optional(_NONNEG), "reprob": _PROB,

@@ -214,7 +214,7 @@ class TrainRun:
                             world_size=info.world_size)
         self.optimizer = build_optimizer(model, cfg["optimizer"], self.derived["lr"])
         self.scheduler = build_scheduler(self.optimizer, cfg["schedule"], total_steps=self.total_steps,
-                                         steps_per_epoch=self.updates_per_epoch,
+                                         batches_per_epoch=len(self.loaders.train), accum_steps=t["accum_steps"],
                                          warmup_lr=self.derived["warmup_lr"], min_lr=self.derived["min_lr"])
         self.amp = AmpStep(t["amp"], self.device, t["clip_grad"], t["max_nonfinite_updates"])
         self.mixup, self.criterion = build_mixup_and_loss(cfg["aug"], cfg["model"]["num_classes"])
