@@ -36,6 +36,20 @@ def _grad_mode_enabled():
     yield
 
 
+def read_state_dict_layout(path: str | Path) -> list[tuple]:
+    """A state-dict layout fixture dumped from an official code base (``name dtype shape`` per line, in order;
+    ``#`` lines say where it comes from): [(name, dtype, shape)]."""
+    import torch
+
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#"):
+            continue
+        name, dtype, shape = line.split()
+        rows.append((name, getattr(torch, dtype), tuple(int(s) for s in shape.split("x") if s)))
+    return rows
+
+
 def compose_config(overrides=(), run_dir: str | Path | None = None):
     from focalnet.engine.distributed import register_resolvers
 
