@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import zlib
 from pathlib import Path
 
@@ -51,27 +52,11 @@ PARAMS_22K = {"focalnet_large_fl3": 239.1, "focalnet_xlarge_fl3": 408.8, "focaln
 TIMM_VARIANTS = [n for n in PAPER if not n.endswith("_iso")]
 BIG = ("focalnet_large", "focalnet_xlarge", "focalnet_huge")
 
-# Multiply-accumulates of one 224 px image with a 1000-way head, counted by torch's FlopCounterMode (flops / 2)
-# on the OFFICIAL module: microsoft/FocalNet @e8514bd classification/focalnet.py, built from configs/<name>.yaml
-# as classification/build.py does (fixtures README). "flops()" is the official code's own hand-written count,
-# which also counts norms and activations; the paper's GFLOPs are it, rounded to 0.1.
-OFFICIAL_MACS = {  # name: (FlopCounterMode on the official module, official model.flops())
-    "focalnet_tiny_srf": (4403335680, 4412630784),
-    "focalnet_tiny_lrf": (4474836480, 4485561600),
-    "focalnet_small_srf": (8598551040, 8613265152),
-    "focalnet_small_lrf": (8715210240, 8732257536),
-    "focalnet_base_srf": (15241181184, 15260800000),
-    "focalnet_base_lrf": (15396726784, 15419456512),
-    "focalnet_large_fl3": (35687058432, 34794502656),
-    "focalnet_large_fl4": (35733722112, 34845832704),
-    "focalnet_xlarge_fl3": (63073882112, 61498456064),
-    "focalnet_xlarge_fl4": (63136100352, 61566896128),
-    "focalnet_huge_fl3": (118061098496, 115100099840),
-    "focalnet_huge_fl4": (118762609152, 115810165504),
-}
-# The same count for focalnet_micro's architecture (depths 1,1,2,1, dim 32, focal level 2, window 3; 10 classes)
-# on the official FocalNet class, per image size: what eval.py's throughput mode and bench_model report.
-OFFICIAL_MICRO_MACS = {32: 4587264, 64: 18341376, 224: 224653056}
+# Multiply-accumulates of one image counted by torch's FlopCounterMode (flops / 2) on the OFFICIAL module, with a
+# 1000-way head at 224 px ("official_flops_method": the official code's own model.flops(), which also counts
+# norms and activations; the paper's GFLOPs are it, rounded to 0.1), and for focalnet_micro's architecture per
+# image size (what eval.py's throughput mode and bench_model report). How: fixtures/focalnet_official/README.md.
+OFFICIAL_MACS = json.loads((OFFICIAL / "macs.json").read_text())
 
 
 def _meta_model(name: str, **kw) -> FocalNet:
@@ -137,22 +122,25 @@ def test_macs_match_paper(name):
     assert abs(gmacs - PAPER[name][1]) / PAPER[name][1] <= 0.01
 
 
-@pytest.mark.parametrize("name", sorted(OFFICIAL_MACS))
+@pytest.mark.parametrize("name", sorted(OFFICIAL_MACS["variants_224"]))
 def test_macs_equal_the_count_on_the_official_module(name):
     """Our MAC count (focalnet.models.flops.count_macs, what eval.py and bench_model print) equals the same
     counter run on the official module: ours does no more and no less work than the official network."""
-    flop_counter_on_official, official_flops_method = OFFICIAL_MACS[name]
-    assert _gmacs_at_224(name) == flop_counter_on_official
+    official = OFFICIAL_MACS["variants_224"][name]
+    assert _gmacs_at_224(name) == official["flop_counter"]
     if not name.startswith(BIG):  # the ImageNet-1K variants: the paper's figure is the official flops() count
-        assert round(official_flops_method / 1e9, 1) == PAPER[name][1]
+        assert round(official["official_flops_method"] / 1e9, 1) == PAPER[name][1]
 
 
 def test_macs_counted_on_real_cpu_tensors_equal_the_official_count():
     """On the CPU our linears run oneDNN kernels, which FlopCounterMode knows through our registered formula."""
     torch.manual_seed(0)
-    assert count_macs(create_model("focalnet_tiny_srf").eval(), 224) == OFFICIAL_MACS["focalnet_tiny_srf"][0]
+    tiny = create_model("focalnet_tiny_srf").eval()
+    assert count_macs(tiny, 224) == OFFICIAL_MACS["variants_224"]["focalnet_tiny_srf"]["flop_counter"]
     micro = create_model("focalnet_micro", num_classes=10)
-    assert {size: count_macs(micro, size) for size in OFFICIAL_MICRO_MACS} == OFFICIAL_MICRO_MACS
+    for size, official in OFFICIAL_MACS["micro_flop_counter_by_img_size"].items():
+        if size.isdigit():
+            assert count_macs(micro, int(size)) == official, size
 
 
 def test_variant_settings_follow_official_yamls():
@@ -169,7 +157,7 @@ def test_variant_settings_follow_official_yamls():
     assert iso.arch["patch_size"] == 16 and len(iso.layers) == 1 and iso.layers[0].downsample is None
 
 
-@pytest.mark.parametrize("name", sorted(OFFICIAL_MACS))
+@pytest.mark.parametrize("name", sorted(OFFICIAL_MACS["variants_224"]))
 def test_state_dict_layout_equals_the_official_code(name):
     """Names, dtypes, shapes and order of the official module's state dict (as released checkpoints hold it)."""
     layout = read_state_dict_layout(OFFICIAL / f"{name}_official_state_dict.txt")

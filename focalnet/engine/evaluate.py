@@ -1,8 +1,9 @@
 """``evaluate(cfg)``, what ``eval.py`` runs: a checkpoint's accuracy on an evaluation set, or model throughput.
 
 ``mode=accuracy``
-    1. Read the checkpoint once (``weights_only=True``): our run checkpoints (``model`` or ``ema`` weights),
-       official microsoft/FocalNet ``.pth`` files, timm FocalNet state dicts.
+    1. Read the checkpoint once (``weights_only=True``): our run checkpoints (``weights=auto``/``model``: the
+       ``model`` entry, whose scores ``val/*`` logged and ``best.pt`` was chosen on; ``weights=ema``: the EMA
+       weights), official microsoft/FocalNet ``.pth`` files, timm FocalNet state dicts.
     2. The model: ``model=NAME`` when given; else the checkpoint's stored ``config`` (our checkpoints); else the
        registered FocalNet variant whose parameter names and shapes equal the file's (official/timm files).
     3. The class space: the eval set's (``data.num_classes`` for ``eval_set=val``, 1000 for ReaL/V2/A/R). A
@@ -388,6 +389,9 @@ def run_accuracy(cfg: dict) -> dict:
             "ImageNet-22K head on ImageNet-1K classes: logits[:, :1000] (imagenet22k_ms layout). Class 850 "
             "(n04399382, teddy bear) has no ImageNet-22K images: top1/top5 count it as is; top1_excl_850/"
             "top5_excl_850 leave out its images and never predict it")
+    if cfg["weights"] == "auto" and report.get("ema_available"):
+        results["notes"].append("evaluated the 'model' weights (what best.pt was chosen on and val/* logged); this "
+                                "checkpoint also has EMA weights (val_ema/*): weights=ema evaluates them")
     if "per_class" in extra:
         results["per_class"] = extra["per_class"]
     _write_results(cfg, info, device, results, "eval.json")
