@@ -6,7 +6,10 @@
   ends bitwise identical (weights, EMA, optimizer) to an uninterrupted run;
 * ``torchrun --nproc_per_node=2`` (gloo): one run dir, identical weights on both ranks, exact val counts;
 * ``-m optimizer.lr=a,b``: two complete runs, two W&B runs;
-* invalid configs exit non-zero naming the key.
+* exit codes: 1 for an override Hydra rejects, 2 for an invalid value (before any work), 75 after a SIGTERM
+  once ``last.pt`` is saved.
+
+The exit-code and two-rank tests are small enough for the fast suite; the others are ``slow``.
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from conftest import PYTHON, ROOT, TINY, run_train, train_env
 
 from focalnet.engine.checkpointing import load_file
 from focalnet.engine.trainer import EXIT_PREEMPTED
-
-pytestmark = pytest.mark.slow
 
 WANDB = str(Path(sys.executable).with_name("wandb"))
 
@@ -48,6 +49,7 @@ def check(proc: subprocess.CompletedProcess, code: int = 0) -> None:
     assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
+@pytest.mark.slow
 def test_learns_and_writes_checkpoints_metrics_and_wandb(tmp_path):
     run_dir = tmp_path / "run"
     check(run_train([f"hydra.run.dir={run_dir}", "data.train_size=256", "data.batch_size=32", "trainer.epochs=2",
@@ -102,11 +104,11 @@ def assert_same_training_state(a: dict, b: dict) -> None:
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def start_and_wait_for_step(run_dir: Path, step: int, *extra: str) -> subprocess.Popen:
+def start_and_wait_for_step(run_dir: Path, step: int, *extra: str, args=RESUME) -> subprocess.Popen:
     """Start a run that parks after update ``step`` (the FOCALNET_PAUSE_AT_STEP test hook) and return once it
     is parked: the kill or signal then lands at exactly that step, however loaded the machine is."""
     marker = run_dir.parent / "paused"
-    cmd = [PYTHON, str(ROOT / "train.py"), *TINY, *RESUME, f"hydra.run.dir={run_dir}", *extra]
+    cmd = [PYTHON, str(ROOT / "train.py"), *TINY, *args, f"hydra.run.dir={run_dir}", *extra]
     env = train_env(FOCALNET_PAUSE_AT_STEP=str(step), FOCALNET_PAUSE_FILE=str(marker))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
@@ -118,6 +120,7 @@ def start_and_wait_for_step(run_dir: Path, step: int, *extra: str) -> subprocess
     raise AssertionError(f"run never reached step {step}: {proc.stderr.read()[-3000:]}")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch_is_bitwise_exact(tmp_path, reference_run):
     run_dir = tmp_path / "run"
     proc = start_and_wait_for_step(run_dir, 23)  # epoch 1 (steps 17-32); last.pt from step 20
@@ -132,6 +135,7 @@ def test_resume_after_sigkill_mid_epoch_is_bitwise_exact(tmp_path, reference_run
     assert_same_training_state(load_file(run_dir / "checkpoints" / "last.pt"), reference_run)
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_is_bitwise_exact(tmp_path, reference_run):
     run_dir = tmp_path / "run"
     wandb_on = "logger.wandb.mode=offline"  # also: the resumed run continues the same W&B run
@@ -154,7 +158,7 @@ def test_resume_after_sigterm_is_bitwise_exact(tmp_path, reference_run):
 def test_torchrun_two_ranks_gloo(tmp_path):
     out_root = tmp_path / "outputs"
     launcher = (PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    check(run_train(["data.val_size=63", "data.train_size=128", "trainer.epochs=2", "logger.wandb.mode=offline",
+    check(run_train(["data.val_size=63", "data.train_size=64", "trainer.epochs=2", "logger.wandb.mode=offline",
                      "trainer.ema_decay=0.9"],
                     launcher=launcher, env=train_env(FOCALNET_OUTPUT_ROOT=str(out_root))))
     (run_dir,) = out_root.iterdir()  # one run directory for both ranks
@@ -169,10 +173,11 @@ def test_torchrun_two_ranks_gloo(tmp_path):
     ckpt = load_file(run_dir / "checkpoints" / "last.pt")
     assert len(ckpt["rng"]) == 2 and ckpt["world_size"] == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # per-rank seeds
-    # 128 samples / (2 ranks x 16) = 4 updates per epoch, total batch 32 in the LR scaling
-    assert ckpt["step"] == 8 and metrics[0]["derived/total_batch"] == 32
+    # 64 samples / (2 ranks x 16) = 2 updates per epoch, total batch 32 in the LR scaling
+    assert ckpt["step"] == 4 and metrics[0]["derived/total_batch"] == 32
 
 
+@pytest.mark.slow
 def test_multirun_sweep_gives_two_runs_and_two_wandb_runs(tmp_path):
     out_root = tmp_path / "outputs"
     check(run_train(["optimizer.lr=1e-3,2e-3", "logger.wandb.mode=offline"], flags=["-m"],
@@ -191,12 +196,26 @@ def test_multirun_sweep_gives_two_runs_and_two_wandb_runs(tmp_path):
 
 
 @pytest.mark.parametrize("override, expected, code", [
-    ("trainer.epochz=3", "epochz", 1),                                 # misspelled key: Hydra's struct check
-    ("trainer.amp=fp8", "trainer.amp='fp8' is not allowed; it must be one of: bf16, fp16, none", 2),
-    ("trainer.epochs=-1", "trainer.epochs=-1 is not allowed", 2),      # our validation, before any work
+    ("trainer.epochz=3", "Could not override 'trainer.epochz'", 1),     # misspelled key: Hydra's struct check
+    ("trainer.amp=fp8", "trainer.amp='fp8' is not allowed; it must be one of: bf16, fp16, none", 2),  # ours
 ])
 def test_invalid_configs_exit_nonzero_naming_the_key(tmp_path, override, expected, code):
     proc = run_train([override, f"hydra.run.dir={tmp_path / 'run'}"])
-    assert proc.returncode == code
+    assert proc.returncode == code, proc.stderr[-3000:]
     assert expected in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
+    if code == 2:  # one line naming the key, no traceback (README "Exit codes")
+        assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_saves_last_pt_and_exits_75(tmp_path):
+    """Exit code 75 (EX_TEMPFAIL): the signal lands at a known update (the pause hook), the run saves that
+    update's state to last.pt and exits 75, without a traceback."""
+    run_dir = tmp_path / "run"
+    proc = start_and_wait_for_step(run_dir, 3, args=["data.train_size=64", "trainer.epochs=2"])
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED == 75, err[-3000:]
+    saved = load_file(run_dir / "checkpoints" / "last.pt")
+    assert (saved["step"], saved["epoch"], saved["batch_in_epoch"]) == (3, 0, 3)
+    assert max(m["step"] for m in read_metrics(run_dir)) == 3 and "Traceback" not in err
