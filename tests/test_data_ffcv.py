@@ -209,12 +209,12 @@ def test_a_killed_augmentation_process_raises_instead_of_hanging(betons):
     _, out = betons
     before = set(multiprocessing.active_children())
     loaders = build_loaders(ffcv_cfg(out, num_workers=2), DEIT)
-    pool = set(multiprocessing.active_children()) - before  # the augmentation processes, forked by the loader
-    assert len(pool) == 2
+    pool = set(multiprocessing.active_children()) - before  # the augmentation processes the loaders forked
+    assert len(pool) == 4  # train and val: 2 each
     loaders.train.set_epoch(0)
     it = iter(loaders.train)
     next(it)  # batch 0 done, batch 1 in the pool; batch 2 is only handed to the pool after this
-    for proc in pool:  # as the OOM killer would (all of them: then no live process can pick up a later batch)
+    for proc in pool:  # as the OOM killer would; all of them, so no live process can pick up a later batch
         os.kill(proc.pid, signal.SIGKILL)
     with pytest.raises(RuntimeError, match=r"augmentation process died .* Resume from the last checkpoint"):
         for _ in it:
