@@ -62,6 +62,18 @@ def compose_config(overrides=(), run_dir: str | Path | None = None):
     return cfg
 
 
+def compose_eval(overrides, run_dir: str | Path):
+    """conf/eval.yaml composed like eval.py does, with the run directory set (no Hydra run)."""
+    from focalnet.engine.distributed import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
 @pytest.fixture
 def compose_cfg(tmp_path):
     """Compose the real config with the TINY overrides (+ yours); run dir in tmp_path."""

@@ -27,9 +27,7 @@ import pytest
 import timm.data
 import torch
 import torch.nn.functional as F
-from conftest import PYTHON, ROOT, TINY, compose_config, train_env
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from conftest import PYTHON, ROOT, TINY, compose_config, compose_eval, train_env
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RealLabelsImagenet
 from torchvision import datasets, transforms
@@ -39,7 +37,6 @@ from data.eval_sets import imagenet1k_wnids
 from data.imagegen import write_image_folder
 from data.synthetic import SyntheticImages
 from focalnet.engine import ConfigError, evaluate, train
-from focalnet.engine.distributed import register_resolvers
 from focalnet.models.checkpoint import CheckpointError, convert_official_to_timm
 
 OFFICIAL_MICRO_MACS = json.loads((Path(__file__).parent / "fixtures" / "focalnet_official" / "macs.json")
@@ -47,16 +44,6 @@ OFFICIAL_MICRO_MACS = json.loads((Path(__file__).parent / "fixtures" / "focalnet
 # A hard enough synthetic task that the tiny model ends between chance and 100% (top-1 equality means something).
 DATA = ["data=synthetic", "data.img_size=32", "data.train_size=256", "data.val_size=64", "data.batch_size=32",
         "data.signal=0.15", "aug=none", "trainer.amp=none"]
-
-
-def compose_eval(overrides, run_dir) -> object:
-    """conf/eval.yaml composed like eval.py does, with the run directory set (no Hydra run)."""
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run_dir)
-    return cfg
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

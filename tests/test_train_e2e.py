@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
-from conftest import PYTHON, ROOT, TINY, run_train, train_env
+from conftest import PYTHON, ROOT, TINY, compose_eval, run_train, train_env
 
 from focalnet.engine.checkpointing import load_file
 from focalnet.engine.trainer import EXIT_PREEMPTED
@@ -193,6 +194,30 @@ def test_multirun_sweep_gives_two_runs_and_two_wandb_runs(tmp_path):
         ids.add(summary["run_id"])
         lrs.add(summary["config"]["optimizer"]["lr"])
     assert len(ids) == 2 and lrs == {1e-3, 2e-3}
+
+
+@pytest.mark.slow
+def test_model_timm_trains_through_train_py_and_evaluates(tmp_path):
+    """README: `model=timm model.name=swin_tiny_patch4_window7_224` trains any timm model (here a Swin shrunk
+    through model.kwargs to fit 32 px): timm's own state dict in the checkpoint, eval.py reproduces its scores."""
+    from focalnet.engine import evaluate
+
+    run_dir = tmp_path / "run"
+    swin = ["model=timm", "model.name=swin_tiny_patch4_window7_224", "model.drop_path_rate=0.1",
+            "model.kwargs={img_size: 32, window_size: 4, embed_dim: 24, depths: [1, 1], num_heads: [1, 2]}"]
+    check(run_train([*swin, f"hydra.run.dir={run_dir}", "trainer.epochs=2", "optimizer.lr=0.01"]))
+    last = load_file(run_dir / "checkpoints" / "last.pt")
+    reference = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, img_size=32, window_size=4,
+                                  embed_dim=24, depths=(1, 1), num_heads=(1, 2))
+    assert {k: tuple(v.shape) for k, v in last["model"].items()} == {
+        k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert last["config"]["model"]["library"] == "timm" and last["step"] == 16
+    logged = [m for m in read_metrics(run_dir) if "val/top1" in m][-1]
+    r = evaluate(compose_eval([f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "data=synthetic", "data.img_size=32",
+                               "data.val_size=64", "data.batch_size=16", "trainer.amp=none", "aug=none"],
+                              tmp_path / "eval"))
+    assert r["model_source"] == "checkpoint config" and r["count"] == logged["val/count"] == 64
+    assert (r["top1"], r["top5"], r["loss"]) == (logged["val/top1"], logged["val/top5"], logged["val/loss"])
 
 
 @pytest.mark.parametrize("override, expected, code", [
