@@ -20,9 +20,10 @@ a requeued/restarted job finds its ``checkpoints/last.pt`` again with ``trainer.
 ``scripts/launch_torchrun.sh`` exports FOCALNET_RUN_ID (the rendezvous id on several nodes), so relaunching resumes.
 Sweep from outside torchrun: ``-m`` inside torchrun makes every rank run the whole sweep.
 
-Exit codes: 0 done; 1 error (Hydra: unknown override key); 2 invalid config (the message names the key and
-the allowed values); 75 (EX_TEMPFAIL) stopped by
-SIGTERM/SIGUSR1/SIGUSR2 after saving ``checkpoints/last.pt`` — relaunch the same command to continue exactly.
+Exit codes: 0 done; 1 error (Hydra: unknown override key); 2 a problem the user can fix, in one line naming the
+key or path (invalid config, data root, corrupt or unusable checkpoint, run directory in use, a resume that
+changes the run, a full disk); 3 training diverged (NaN/inf); 75 (EX_TEMPFAIL) stopped by
+SIGTERM/SIGINT/SIGUSR1/SIGUSR2 after saving ``checkpoints/last.pt`` — relaunch the same command to continue exactly.
 """
 
 import logging
@@ -30,6 +31,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from focalnet.engine.distributed import register_resolvers
 
@@ -38,15 +40,33 @@ register_resolvers()  # ${run_id:} and ${rank_suffix:} are used by conf/config.y
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from focalnet.engine import EXIT_PREEMPTED, ConfigError, TrainingPreempted, train
+    from data.folder import DataConfigError
+    from focalnet.engine import (
+        EXIT_DIVERGED,
+        EXIT_PREEMPTED,
+        CheckpointWriteError,
+        ConfigError,
+        NonFiniteLossError,
+        TrainingPreempted,
+        train,
+    )
+    from focalnet.models.checkpoint import CheckpointError
 
-    OmegaConf.resolve(cfg)          # ${hydra:...} and interpolations, once, on this rank
-    OmegaConf.set_readonly(cfg, True)
     try:
+        OmegaConf.resolve(cfg)      # ${hydra:...} and interpolations (data=folder counts classes), once, here
+        OmegaConf.set_readonly(cfg, True)
         result = train(cfg)
-    except ConfigError as e:        # the message names the key and what is allowed; no traceback needed
+    except (ConfigError, DataConfigError, CheckpointError, CheckpointWriteError, InterpolationResolutionError) as e:
+        # Fixable by the user (config, data, checkpoint, run directory, disk): one line naming the key or path.
+        if isinstance(e, InterpolationResolutionError):  # a resolver's error (data=folder's class count)
+            e = e.__cause__ or e.__context__
+            if not isinstance(e, DataConfigError):
+                raise
         logging.getLogger("train").error("%s", e)
         sys.exit(2)
+    except NonFiniteLossError as e:
+        logging.getLogger("train").error("%s", e)
+        sys.exit(EXIT_DIVERGED)
     except TrainingPreempted as e:
         logging.getLogger("train").warning("%s", e)
         sys.exit(EXIT_PREEMPTED)

@@ -39,6 +39,7 @@ from data.folder import (
     ImageFileDataset,
     Sample,
     check_num_classes,
+    file_limits,
     list_classes,
     scan_folder,
 )
@@ -104,7 +105,8 @@ def eval_loader(samples: list[Sample], data_cfg, aug_cfg, *, rank: int, world_si
     """The data pipeline's val loader (eval transform, exact sharding) over an explicit sample list."""
     transform = EvalSampleTransform(int(data_cfg.img_size), bool(_aug_value(aug_cfg, "test_crop", True)),
                                     str(_aug_value(aug_cfg, "interpolation", "bicubic")))
-    return FolderEpochLoader(ImageFileDataset(samples, transform, name=name), BatchFinisher(aug_cfg, train=False),
+    dataset = ImageFileDataset(samples, transform, name=name, limits=file_limits(data_cfg))
+    return FolderEpochLoader(dataset, BatchFinisher(aug_cfg, train=False),
                              batch_size=int(data_cfg.batch_size), rank=rank, world_size=world_size, seed=seed,
                              train=False, num_workers=int(data_cfg.get("num_workers", 0)), persistent_workers=False)
 
@@ -143,7 +145,8 @@ def build_eval_set(name: str, data_cfg, aug_cfg=None, *, root: str | None = None
         if data_cfg.name in ("imagenet1k", "folder") and not int(data_cfg.get("val_count", 0) or 0):
             val_dir, classes = _imagenet_val_split(data_cfg)
             check_num_classes(data_cfg, len(classes), f"the class folders of data.root ({len(classes)})")
-            _, samples = scan_folder(val_dir, "data.root/data.val_split", {c: i for i, c in enumerate(classes)})
+            _, samples = scan_folder(val_dir, "data.root/data.val_split", {c: i for i, c in enumerate(classes)},
+                                     allow_empty_classes=True)
             loader = eval_loader(samples, data_cfg, aug_cfg, name=f"{data_cfg.name}/val", **common)
             return EvalSet("val", loader, int(data_cfg.num_classes), len(samples), class_names=classes)
         # Any other pipeline (synthetic, FFCV, 22K map files, held-out val): exactly the training val loader.
@@ -154,7 +157,8 @@ def build_eval_set(name: str, data_cfg, aug_cfg=None, *, root: str | None = None
         val_dir = root or _imagenet_val_split(data_cfg)[0]
         val_dir = _require_dir(val_dir, "eval_root", "ImageNet-1K val folder (<wnid>/ILSVRC2012_val_*.JPEG)")
         wnids = imagenet1k_wnids()
-        _, samples = scan_folder(val_dir, "eval_root (ImageNet-1K val)", {w: i for i, w in enumerate(wnids)})
+        _, samples = scan_folder(val_dir, "eval_root (ImageNet-1K val)", {w: i for i, w in enumerate(wnids)},
+                                 allow_empty_classes=True)
         labels = load_real_labels(real_labels)
         by_file = {f"ILSVRC2012_val_{i + 1:08d}": lab for i, lab in enumerate(labels)}
         stems = [os.path.splitext(os.path.basename(p))[0] for p, _ in samples]
@@ -180,14 +184,15 @@ def build_eval_set(name: str, data_cfg, aug_cfg=None, *, root: str | None = None
                 raise DataConfigError(f"eval_root: ImageNetV2 class folders must be 0..999, found {bad[:3]}")
         else:
             mapping = {w: i for i, w in enumerate(wnids)}
-        _, samples = scan_folder(v2_dir, "eval_root (ImageNetV2)", mapping)
+        _, samples = scan_folder(v2_dir, "eval_root (ImageNetV2)", mapping, allow_empty_classes=True)
         loader = eval_loader(samples, data_cfg, aug_cfg, name="imagenet_v2", **common)
         return EvalSet("v2", loader, IN1K_CLASSES, len(samples), class_names=wnids)
 
     # ImageNet-A / -R: 200-class subsets of ImageNet-1K.
     set_dir = _require_dir(root, "eval_root", f"ImageNet-{name.upper()} folder (<wnid>/ images)")
     wnids, indices = subset_classes(name)
-    _, samples = scan_folder(set_dir, f"eval_root (ImageNet-{name.upper()})", {w: i for i, w in enumerate(wnids)})
+    _, samples = scan_folder(set_dir, f"eval_root (ImageNet-{name.upper()})", {w: i for i, w in enumerate(wnids)},
+                             allow_empty_classes=True)
     loader = eval_loader(samples, data_cfg, aug_cfg, name=f"imagenet_{name}", **common)
     return EvalSet(name, loader, len(wnids), len(samples), class_indices=indices, class_names=wnids,
                    notes=[f"logits restricted to the {len(indices)} ImageNet-{name.upper()} classes "

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from data.folder import DataConfigError
-from data.loaders import Loaders, ResumableDistributedSampler, register_builder
+from data.loaders import Loaders, ResumableDistributedSampler, leave_shutdown_to_parent, register_builder
 from data.transforms import BatchFinisher, EvalSampleTransform, TrainSampleTransform, _aug_get, seeded
 
 IMAGE_FIELD, LABEL_FIELD = "image", "label"
@@ -159,6 +159,7 @@ _RING_SLOTS = 3  # input slots: batches in the pool (at most 2) + the one being 
 
 
 def _pool_init(stage: SampleStage, ring_in: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+    leave_shutdown_to_parent()  # a job-wide SIGTERM/SIGINT/SIGUSR1/2 is the training process's to handle
     _POOL.update(stage=stage, ring_in=ring_in, outputs=outputs)
     torch.set_num_threads(1)
 

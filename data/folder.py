@@ -34,10 +34,13 @@ import os
 from collections.abc import Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from data.loaders import EpochLoader, Loaders, register_builder
 from data.transforms import (
+    MAX_FILE_BYTES,
+    MAX_IMAGE_PIXELS,
     BadImage,
     BatchFinisher,
     EvalSampleTransform,
@@ -66,16 +69,33 @@ def require_root(data_cfg) -> str:
             f"data.root is not set for data={data_cfg.name}: pass data.root=/path/to/dataset"
             + (" (or set IMAGENET_ROOT)" if str(data_cfg.name).startswith("imagenet") else ""))
     root = os.path.expanduser(str(root))
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataConfigError(f"data.root={root} is a file, not a directory: point data.root at the dataset folder")
     if not os.path.isdir(root):
         raise DataConfigError(f"data.root={root}: no such directory")
     return root
+
+
+def _entries(directory: str, want_dir: bool) -> list[str]:
+    """Sorted names of the sub-directories (or files) of ``directory``; entries that cannot be resolved (a
+    symlink loop, a dangling link) are skipped with a warning instead of stopping the scan."""
+    names, broken = [], []
+    for e in os.scandir(directory):
+        try:
+            if (e.is_dir() if want_dir else e.is_file()) and not e.name.startswith("."):
+                names.append(e.name)
+        except OSError as err:  # ELOOP: a symlink loop
+            broken.append(f"{e.name} ({err.strerror})")
+    if broken:
+        log.warning("%s: skipped %d unresolvable entries: %s", directory, len(broken), ", ".join(broken[:5]))
+    return sorted(names)
 
 
 def list_classes(split_dir: str, key: str) -> list[str]:
     """Sorted class folder names under ``split_dir``; ``key`` names the config key for the message."""
     if not os.path.isdir(split_dir):
         raise DataConfigError(f"{key}: no such directory {split_dir}")
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    classes = _entries(split_dir, want_dir=True)
     if not classes:
         raise DataConfigError(f"{key}: {split_dir} has no class folders (expected {split_dir}/<class>/<image>)")
     return classes
@@ -85,25 +105,37 @@ def count_classes(root: str | None, split: str = "train") -> int:
     """OmegaConf resolver ``${folder_num_classes:${data.root},${data.train_split}}`` for ``data=folder``."""
     if not root:
         raise DataConfigError("data.root is not set: data=folder infers data.num_classes from data.root")
-    return len(list_classes(os.path.join(os.path.expanduser(str(root)), str(split)),
-                            "data.root/data.train_split"))
+    root = require_root({"root": root, "name": "folder"})
+    return len(list_classes(os.path.join(root, str(split)), "data.root/data.train_split"))
 
 
-def scan_folder(split_dir: str, key: str, class_to_idx: dict[str, int] | None = None) -> tuple[list[str], list[Sample]]:
-    """``split_dir/<class>/<image>`` -> (class names, [(path, label)]) in a deterministic order."""
+def scan_folder(split_dir: str, key: str, class_to_idx: dict[str, int] | None = None, *,
+                allow_empty_classes: bool = False) -> tuple[list[str], list[Sample]]:
+    """``split_dir/<class>/<image>`` -> (class names, [(path, label)]) in a deterministic order.
+
+    A class folder without images is an error unless ``allow_empty_classes`` (evaluation splits): training
+    would give the head a class it never sees.
+    """
     classes = list_classes(split_dir, key)
     if class_to_idx is None:
         class_to_idx = {c: i for i, c in enumerate(classes)}
     else:
         unknown = [c for c in classes if c not in class_to_idx]
         if unknown:
-            raise DataConfigError(f"{key}: {len(unknown)} folders in {split_dir} are not in the label layout "
-                                  f"(data.label_layout), e.g. {unknown[:3]}")
+            raise DataConfigError(f"{key}: {len(unknown)} class folders of {split_dir} are not in the label layout "
+                                  f"(the training classes, or data.label_layout), e.g. {unknown[:3]}: remove them "
+                                  f"or fix data.root")
     samples: list[Sample] = []
+    empty = []
     for c in classes:
         d = os.path.join(split_dir, c)
-        files = sorted(e.name for e in os.scandir(d) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        files = [f for f in _entries(d, want_dir=False) if f.lower().endswith(IMG_EXTENSIONS)]
+        empty += [c] if not files else []
         samples += [(os.path.join(d, f), class_to_idx[c]) for f in files]
+    if empty and samples and not allow_empty_classes:
+        raise DataConfigError(f"{key}: {len(empty)} class folders of {split_dir} hold no images "
+                              f"({', '.join(IMG_EXTENSIONS)}), e.g. {empty[:3]}: add images or remove the folders "
+                              f"(the model would get {len(classes)} classes, {len(empty)} never seen)")
     if not samples:
         raise DataConfigError(f"{key}: no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}")
     return classes, samples
@@ -170,8 +202,9 @@ class ImageFileDataset(Dataset):
     output depends only on the key: identical across workers, ranks and resumes.
     """
 
-    def __init__(self, samples: list[Sample], transform, *, name: str = "dataset"):
+    def __init__(self, samples: list[Sample], transform, *, name: str = "dataset", limits: dict | None = None):
         self.samples, self.transform, self.name = samples, transform, name
+        self.limits = limits or {}  # open_image's max_file_bytes / max_pixels (see file_limits)
         # Shared memory: workers are separate processes, and the count must reach the main process.
         self._skipped = mp.get_context().Value("q", 0)
 
@@ -185,7 +218,7 @@ class ImageFileDataset(Dataset):
             try:
                 # In a worker process nobody else reads the global RNGs: seed without save/restore.
                 with seeded(seed, preserve=get_worker_info() is None):
-                    image = self.transform(open_image(path))
+                    image = self.transform(open_image(path, **self.limits))
                 return image, label, seed
             except BadImage as e:
                 with self._skipped.get_lock():
@@ -208,13 +241,29 @@ class FolderEpochLoader(EpochLoader):
         self.finisher = finisher
 
 
+def file_limits(data_cfg) -> dict:
+    """``open_image`` limits from ``data.max_file_mb`` and ``data.max_image_pixels`` (defaults: see
+    :data:`data.transforms.MAX_FILE_BYTES` / ``MAX_IMAGE_PIXELS``)."""
+    mb, px = data_cfg.get("max_file_mb"), data_cfg.get("max_image_pixels")
+    limits = {"max_file_bytes": int(mb) << 20 if mb else MAX_FILE_BYTES, "max_pixels": int(px or MAX_IMAGE_PIXELS)}
+    for key, value in (("data.max_file_mb", mb), ("data.max_image_pixels", px)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise DataConfigError(f"{key}={value!r} is not allowed; it must be an integer >= 1")
+    # Pillow refuses images above twice its own limit before we can look: keep it out of the way of ours.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, limits["max_pixels"])
+    return limits
+
+
 def make_loaders(train_samples: list[Sample], val_samples: list[Sample], num_classes: int, data_cfg, aug_cfg,
                  *, rank: int, world_size: int, seed: int, info: dict | None = None) -> Loaders:
     size = int(data_cfg.img_size)
     test_crop = bool(aug_cfg.get("test_crop", True)) if aug_cfg is not None else True
     interp = (aug_cfg.get("interpolation", "bicubic") if aug_cfg is not None else "bicubic") or "bicubic"
-    train_ds = ImageFileDataset(train_samples, TrainSampleTransform(aug_cfg, size), name=f"{data_cfg.name}/train")
-    val_ds = ImageFileDataset(val_samples, EvalSampleTransform(size, test_crop, interp), name=f"{data_cfg.name}/val")
+    limits = file_limits(data_cfg)
+    train_ds = ImageFileDataset(train_samples, TrainSampleTransform(aug_cfg, size), name=f"{data_cfg.name}/train",
+                                limits=limits)
+    val_ds = ImageFileDataset(val_samples, EvalSampleTransform(size, test_crop, interp), name=f"{data_cfg.name}/val",
+                              limits=limits)
     workers = int(data_cfg.get("num_workers", 0))
     common = dict(batch_size=int(data_cfg.batch_size), rank=rank, world_size=world_size, seed=seed,
                   num_workers=workers, persistent_workers=bool(data_cfg.get("persistent_workers", True)))
@@ -241,7 +290,8 @@ def folder_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
     if val_count > 0:
         train, val = hold_out(train, val_count, "data.val_count")
     elif os.path.isdir(val_dir):
-        _, val = scan_folder(val_dir, "data.root/data.val_split", {c: i for i, c in enumerate(classes)})
+        _, val = scan_folder(val_dir, "data.root/data.val_split", {c: i for i, c in enumerate(classes)},
+                             allow_empty_classes=True)
     else:
         raise DataConfigError(f"data.root/data.val_split: no such directory {val_dir} "
                               "(add it, or hold out training images with data.val_count=N)")
@@ -284,7 +334,7 @@ def imagenet22k_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
             check_num_classes(data_cfg, len(class_to_idx), f"data.label_layout={layout}")
             _, train = scan_folder(train_dir, "data.root/data.train_split", class_to_idx)
         if os.path.isdir(val_dir) and not data_cfg.get("val_count"):
-            _, val = scan_folder(val_dir, "data.root/data.val_split", class_to_idx)
+            _, val = scan_folder(val_dir, "data.root/data.val_split", class_to_idx, allow_empty_classes=True)
     if val is None:
         count = int(data_cfg.get("val_count") or 0)
         if count <= 0:

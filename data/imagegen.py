@@ -120,3 +120,19 @@ def write_bad_image(path: str, kind: str, size: tuple[int, int] = (64, 48)) -> s
 def write_bad_images(class_dir: str, kinds: Sequence[str] = BAD_KINDS) -> dict[str, str]:
     os.makedirs(class_dir, exist_ok=True)
     return {k: write_bad_image(os.path.join(class_dir, f"bad_{k}.JPEG"), k) for k in kinds}
+
+
+def write_hostile_files(class_dir: str, *, huge_bytes: int = 12 << 30, bomb_side: int = 12_000) -> dict[str, str]:
+    """Files a data loader must survive without reading them whole: a ``huge_bytes`` sparse file named ``.jpg``
+    (no disk used), a ``bomb_side``^2-pixel PNG (144 Mpx by default; a few KB that decode to 432 MB of RGB)
+    and a symlink loop named like an image."""
+    os.makedirs(class_dir, exist_ok=True)
+    huge = os.path.join(class_dir, "huge_sparse.jpg")
+    with open(huge, "wb") as f:
+        f.truncate(huge_bytes)
+    bomb = os.path.join(class_dir, "bomb.png")
+    Image.new("1", (bomb_side, bomb_side)).save(bomb, compress_level=1)
+    loop_a, loop_b = os.path.join(class_dir, "loop_a.jpg"), os.path.join(class_dir, "loop_b.jpg")
+    os.symlink(loop_b, loop_a)
+    os.symlink(loop_a, loop_b)
+    return {"huge": huge, "bomb": bomb, "loop": loop_a}

@@ -13,11 +13,18 @@
 * ``stats()`` on a loader returns counters such as ``{"skipped_images": n}`` (may be empty).
 
 Builders are registered by ``data.name`` with :func:`register_builder`.
+
+Worker processes (DataLoader workers, the FFCV augmentation pool) call :func:`leave_shutdown_to_parent` first:
+a cluster stops a job by signalling every process of it at once, and the training process owns the shutdown.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +70,44 @@ def build_loaders(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1,
     if name not in _BUILDERS:
         raise ValueError(f"data.name={name!r} is not a known dataset; choose one of {sorted(_BUILDERS)}")
     return _BUILDERS[name](data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
+
+
+# What SLURM (scancel, time limit, preemption), systemd and a terminal's Ctrl-C send to every process of a job.
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+_PR_SET_PDEATHSIG = 1
+
+
+def leave_shutdown_to_parent(*_worker_id) -> None:
+    """Make this worker process ignore the job's stop signals; its parent (the training process) owns shutdown.
+
+    A cluster stops a job by signalling every process in it (SLURM signals the whole job step, systemd the
+    cgroup, ``kill -- -PGID`` the process group). A worker that died on that signal would turn the training
+    process's orderly stop (finish the update, save ``last.pt``, exit 75) into a crash ("DataLoader worker
+    killed by signal"). So workers ignore SIGINT/SIGUSR1/SIGUSR2 and take SIGTERM only from their parent
+    (``Process.terminate()``, the DataLoader's and the executor's last resort for a stuck worker): SIGTERM is
+    blocked and read by a thread that checks the sender. The worker still exits when told to by its parent,
+    and is killed (SIGKILL) if the parent dies first (Linux ``PR_SET_PDEATHSIG``), so none outlives the run.
+    Usable as a DataLoader ``worker_init_fn`` or a pool initializer.
+    """
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    except (OSError, AttributeError):  # not Linux: the DataLoader's own parent watchdog remains
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    for s in JOB_SIGNALS[1:]:
+        signal.signal(s, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender check; SIGTERM keeps its default action
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from now on inherit the mask
+
+    def obey_parent_only():
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=obey_parent_only, name="sigterm-from-parent-only", daemon=True).start()
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -132,7 +177,7 @@ class EpochLoader:
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
             drop_last=False, pin_memory=pin_memory, collate_fn=collate_fn,
-            persistent_workers=persistent_workers and num_workers > 0,
+            persistent_workers=persistent_workers and num_workers > 0, worker_init_fn=leave_shutdown_to_parent,
             # A private generator: starting an iterator draws a worker base seed, which must not consume
             # the global torch RNG (exact resume restores that RNG mid-epoch, before the iterator exists).
             generator=torch.Generator().manual_seed(seed))

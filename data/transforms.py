@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import random
 import warnings
 from collections.abc import Sequence
@@ -128,17 +129,41 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(path_or_bytes) -> Image.Image:
-    """Open (header only) whatever format the bytes hold: a PNG named ``.JPEG`` opens as the PNG it is."""
+# Hostile-file limits (data.max_file_mb, data.max_image_pixels). A file larger than MAX_FILE_BYTES is skipped
+# without being read (a 12 GB sparse ".jpg" would otherwise be read whole into a worker's memory); an image
+# of more than MAX_IMAGE_PIXELS pixels is skipped before it is decoded (a decompression bomb: a small file
+# that decodes to gigabytes). 89,478,485 px is Pillow's own warning threshold (0.25 GiB at 24 bits/pixel,
+# ``PIL.Image.MAX_IMAGE_PIXELS``), made a hard limit here.
+MAX_FILE_BYTES = 256 << 20
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def open_image(path_or_bytes, max_file_bytes: int = MAX_FILE_BYTES,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open (header only) whatever format the bytes hold: a PNG named ``.JPEG`` opens as the PNG it is.
+
+    Raises :class:`BadImage` (skipped and counted by the datasets) for unreadable files and for files over the
+    size or pixel limits, which are refused before their pixels are read.
+    """
     try:
         if isinstance(path_or_bytes, bytes | bytearray | memoryview):
             data = bytes(path_or_bytes)
         else:
+            size = os.stat(path_or_bytes).st_size
+            if size > max_file_bytes:
+                raise BadImage(f"file of {size / 2**20:.0f} MiB is over data.max_file_mb={max_file_bytes >> 20} "
+                               f"(not read)")
             with open(path_or_bytes, "rb") as f:
                 data = f.read()
         if not data:
             raise BadImage("zero-byte file")
-        return Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Pillow warns from 1x its limit; ours below is the one that counts
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise BadImage(f"{img.width}x{img.height} = {img.width * img.height / 1e6:.0f} Mpx is over "
+                           f"data.max_image_pixels={max_pixels} (a decompression bomb?; not decoded)")
+        return img
     except BadImage:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -20,6 +20,8 @@
 #   RDZV_ID         rendezvous id, identical on all nodes (default $SLURM_JOB_ID; required when NNODES > 1)
 #   FOCALNET_RUN_ID run directory name (default: RDZV_ID on several nodes, else <date>_<time>_<random>)
 #   MAX_RESTARTS    torchrun --max-restarts: restarted workers resume from last.pt (default 0)
+#   SHUTDOWN_TIMEOUT seconds torchrun's agent lets the ranks finish their update and save last.pt after a stop
+#                   signal before it SIGKILLs them (torchrun --shutdown-timeout; torch's default is 30; here 120)
 #   PYTHON          interpreter with torch and this project installed (default: .venv/bin/python, else python)
 # Never pass -m (multirun) through this script: every rank would run the whole sweep (HYDRA.md pitfall 5);
 # sweep from outside torchrun (python train.py -m ..., or hydra/launcher=slurm).
@@ -63,6 +65,11 @@ else
 fi
 export FOCALNET_RUN_ID
 
+# Stop signals: torchrun's agent forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to every rank's process group, but by
+# default dies on SIGUSR1/SIGUSR2 (the SLURM/submitit time-limit signals) without telling the ranks, which run
+# in sessions of their own. Have it forward those too; the ranks save last.pt and exit 75.
+SIGNALS=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2
 echo "launch_torchrun.sh: run id $FOCALNET_RUN_ID, $NNODES node(s) x $NPROC_PER_NODE process(es)" >&2
 exec "$PYTHON" -m torch.distributed.run "${RDZV_ARGS[@]}" --nproc_per_node="$NPROC_PER_NODE" \
-  --max_restarts="$MAX_RESTARTS" "$ROOT/train.py" "$@"
+  --max_restarts="$MAX_RESTARTS" --signals_to_handle="$SIGNALS" --shutdown_timeout="${SHUTDOWN_TIMEOUT:-120}" \
+  "$ROOT/train.py" "$@"

@@ -2,6 +2,7 @@
 
     python scripts/visualize_modulation.py CHECKPOINT IMAGE [IMAGE ...] -o modulation.png
     python scripts/visualize_modulation.py outputs/<run>/checkpoints/best.pt --val 4      # 4 val images
+    python scripts/visualize_modulation.py best.pt --val 4 --data-root /data/imagenet    # the dataset moved
     python scripts/visualize_modulation.py focalnet_tiny_srf.pth cat.jpg --model focalnet_tiny_srf --img-size 224
 
 One row per image: the input (with the predicted class and its probability), then for every stage the
@@ -53,19 +54,30 @@ def build_model(ckpt_path: str, model_name: str | None, num_classes: int | None,
     return model.eval(), run_cfg
 
 
-def val_images(run_cfg: dict, count: int) -> list[tuple[str, int]]:
-    """``count`` validation images of the run's dataset, spread over the classes (first of each class first)."""
+def val_images(run_cfg: dict, count: int, data_root: str | None = None) -> list[tuple[str, int]]:
+    """``count`` validation images of the run's dataset, spread over the classes (first of each class first).
+
+    The dataset is read from ``data_root`` when given, else from the root stored in the checkpoint. Nothing is
+    ever written into a directory named by a checkpoint (a file from elsewhere could name any path): the digits
+    are written, when missing, only into ``data_root`` or the cache (``$FOCALNET_CACHE``, ~/.cache/focalnet).
+    """
     import data  # noqa: F401  (registers the config resolvers)
     from data.folder import dataset_samples
 
     if not run_cfg:
         raise SystemExit("--val needs a run checkpoint (it names the dataset); pass image paths instead")
     dcfg = dict(run_cfg["data"])
+    if data_root:
+        dcfg["root"] = data_root
     if str(dcfg["name"]).startswith("digits"):
-        from data.digits import materialize
+        from data.digits import materialize, read_meta
 
-        materialize(dcfg["root"], store_size=int(dcfg.get("store_size", 64)),
-                    val_fraction=float(dcfg.get("val_fraction", 0.2)), jpeg_quality=int(dcfg.get("jpeg_quality", 95)))
+        if not data_root and read_meta(os.path.expanduser(str(dcfg["root"]))) is None:
+            dcfg["root"] = os.path.join(os.path.expanduser(os.environ.get("FOCALNET_CACHE", "~/.cache/focalnet")),
+                                        "digits")
+        dcfg["root"] = materialize(dcfg["root"], store_size=int(dcfg.get("store_size", 64)),
+                                   val_fraction=float(dcfg.get("val_fraction", 0.2)),
+                                   jpeg_quality=int(dcfg.get("jpeg_quality", 95)))
         dcfg["name"] = "digits"
     from omegaconf import OmegaConf
 
@@ -160,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="our run checkpoint (last.pt/best.pt), an official .pth or a timm file")
     p.add_argument("images", nargs="*", help="image files (any format PIL reads)")
     p.add_argument("--val", type=int, default=0, metavar="N", help="also N validation images of the run's dataset")
+    p.add_argument("--data-root", help="where the run's dataset is (default: the root stored in the checkpoint; "
+                                       "never written to: the digits are written only here or to the cache)")
     p.add_argument("-o", "--out", type=Path, help="PNG to write (default: modulation.png next to the checkpoint's "
                                                   "run directory)")
     p.add_argument("--model", help="model name when the checkpoint has no run config (e.g. focalnet_tiny_srf)")
@@ -173,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     model, run_cfg = build_model(args.checkpoint, args.model, args.num_classes, args.weights)
     samples: list[tuple[str, int | None]] = [(path, None) for path in args.images]
     if args.val:
-        samples += val_images(run_cfg, args.val)
+        samples += val_images(run_cfg, args.val, args.data_root)
     if not samples:
         p.error("give image paths and/or --val N")
     size = args.img_size or int(run_cfg.get("data", {}).get("img_size", 224))

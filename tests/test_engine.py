@@ -304,8 +304,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(compose_cfg):
     good = compose_cfg("trainer.max_steps=2")
     train(good)
     good_ckpt = f"{good.paths.output_dir}/checkpoints/last.pt"
-    # Continue from that file (resume=PATH) on data that turned into NaNs: fp32 must stop, not save.
-    bad = compose_cfg("trainer.max_steps=4", f"trainer.resume={good_ckpt}", "data.signal=nan")
+    # Continue from that file (resume=PATH) on data that overflows to inf/NaN: fp32 must stop, not save.
+    bad = compose_cfg("trainer.max_steps=4", f"trainer.resume={good_ckpt}", "data.signal=1e38",
+                      "trainer.resume_allow_changes=[data.signal,trainer.max_steps]")
     with pytest.raises(NonFiniteLossError, match="last checkpoint"):
         train(bad)
     assert not (Path(bad.paths.output_dir) / "checkpoints" / "last.pt").exists()

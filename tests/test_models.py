@@ -23,7 +23,7 @@ from conftest import read_state_dict_layout
 
 from focalnet import FocalModulation, FocalNet, create_model, list_models
 from focalnet.models.backbone import FocalNetBackbone
-from focalnet.models.checkpoint import convert_official_to_timm, load_checkpoint
+from focalnet.models.checkpoint import CheckpointError, convert_official_to_timm, load_checkpoint
 from focalnet.models.flops import count_macs
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "focalnet_official"
@@ -279,7 +279,7 @@ def test_create_model_overrides():
     assert m.layers[-1].blocks[-1].drop_path.drop_prob == pytest.approx(0.3)
     assert m.arch["focal_levels"] == (3, 3, 3, 3)
     assert m(torch.randn(1, 3, 96, 96)).shape == (1, 10)
-    with pytest.raises(ValueError, match="checkpoint_path"):
+    with pytest.raises(CheckpointError, match="focalnet_micro has no published weights"):
         create_model("focalnet_micro", pretrained=True)
 
 

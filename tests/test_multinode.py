@@ -79,7 +79,7 @@ def test_two_nodes_c10d_one_run_dir_identical_weights_and_relaunch(tmp_path):
     assert provenance["world_size"] == 2
 
     # The same command again (a crashed or requeued job) continues the same run directory exactly.
-    launch_two_nodes(tmp_path, "two_nodes", "trainer.max_steps=4")
+    launch_two_nodes(tmp_path, "two_nodes", "trainer.max_steps=4", "trainer.resume_allow_changes=[trainer.max_steps]")
     assert [p.name for p in out.iterdir()] == ["two_nodes"]
     log = (run_dir / "train.log").read_text()
     assert re.search(r"resumed from .*two_nodes/checkpoints/last\.pt at step 2", log), log[-3000:]

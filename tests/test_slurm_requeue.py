@@ -5,8 +5,9 @@
 and on SIGUSR2 submitit's checkpoint-and-requeue. A 2-task job is preempted mid-training (SIGUSR2 to both
 tasks, as SLURM sends it); it saves ``last.pt``, submitit requeues it, the requeued job composes the same config
 in the same run directory and resumes from ``last.pt``: the final weights equal an uninterrupted run bitwise.
+SIGUSR2 goes to every process of the tasks, their DataLoader workers included, as SLURM signals a job step.
 The signal lands at an exact update: both tasks park after update 10 (the ``FOCALNET_PAUSE_AT_STEP`` test
-hook), each writing its pid, and the test signals those pids.
+hook), each writing its pid, before the test signals them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=30",
-        "model=focalnet_micro", "data=synthetic", "data.train_size=1024", "data.val_size=32", "data.batch_size=8",
+        "model=focalnet_micro", "data=synthetic", "data.num_workers=1", "data.train_size=1024", "data.val_size=32", "data.batch_size=8",
         "trainer.max_steps=40", "trainer.ckpt_every_steps=1000", "trainer.log_every=1", "trainer.device=cpu", "logger.wandb.mode=disabled"]
 
 
@@ -48,6 +49,22 @@ def wait_for_files(paths: list[Path], job: subprocess.Popen, log: Path, timeout:
         time.sleep(0.1)
 
 
+def task_pids(sweep_dir: Path) -> list[int]:
+    """The training task processes submitit started for this sweep and their forked data workers (/proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if "submitit.core._submit" in cmd and str(sweep_dir) in cmd and b"SUBMITIT_LOCAL_GLOBALID=" in environ:
+            pids.append(int(proc.name))
+    return pids
+
+
 @pytest.mark.slow
 def test_preempted_submitit_job_is_requeued_and_resumes_exactly(tmp_path):
     # Reference: the same job, never interrupted.
@@ -67,11 +84,14 @@ def test_preempted_submitit_job_is_requeued_and_resumes_exactly(tmp_path):
                                stdout=log_file, stderr=subprocess.STDOUT)
         parked = [Path(f"{marker}.rank{r}") for r in (0, 1)]
         wait_for_files(parked, job, launcher_log)
-        for path in parked:
-            os.kill(int(path.read_text()), signal.SIGUSR2)
+        (sweep_dir,) = out.joinpath("multirun").iterdir()  # one sweep dir
+        pids = task_pids(sweep_dir)  # the 2 tasks and their DataLoader workers (forked: the same command line)
+        assert {int(path.read_text()) for path in parked} <= set(pids) and len(pids) >= 4
+        for pid in pids:  # SLURM signals every process of the job step, data workers included
+            os.kill(pid, signal.SIGUSR2)
         job.wait(timeout=600)
     assert job.returncode == 0, launcher_log.read_text()[-5000:]
-    (sweep_dir,) = out.joinpath("multirun").iterdir()  # one sweep dir
+    assert [p.name for p in out.joinpath("multirun").iterdir()] == [sweep_dir.name]   # still one sweep dir
     run_dir = sweep_dir / "0"
     train_log = (run_dir / "train.log").read_text()
     # One epoch is 64 updates > max_steps and ckpt_every_steps=1000: the only last.pt before the end is the

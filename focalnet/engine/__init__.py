@@ -6,9 +6,10 @@ optimizer, schedule, loss), ``amp`` (the AMP optimizer step), ``checkpointing``,
 """
 
 from focalnet.engine.amp import NonFiniteLossError
+from focalnet.engine.checkpointing import CheckpointWriteError
 from focalnet.engine.config import ConfigError, validate_config
 from focalnet.engine.evaluate import evaluate  # eval.py entry point
-from focalnet.engine.trainer import EXIT_PREEMPTED, TrainingPreempted, train
+from focalnet.engine.trainer import EXIT_DIVERGED, EXIT_PREEMPTED, TrainingPreempted, train
 
-__all__ = ["EXIT_PREEMPTED", "ConfigError", "NonFiniteLossError", "TrainingPreempted", "evaluate",
+__all__ = ["EXIT_DIVERGED", "EXIT_PREEMPTED", "CheckpointWriteError", "ConfigError", "NonFiniteLossError", "TrainingPreempted", "evaluate",
            "train", "validate_config"]

@@ -6,7 +6,8 @@ Gradients are clipped once per optimizer step, after accumulation and after unsc
 is returned for logging (computed even without clipping).
 
 Non-finite gradients (from a NaN/inf loss on any rank; DDP has averaged them, so every rank sees the same
-norm): with fp16 the scaler skips the step and lowers the scale, which is the normal overflow path; with
+norm): with fp16 the scaler skips the step and lowers the scale, which is the normal overflow path, until
+``max_nonfinite_updates`` updates in a row were skipped (divergence: :class:`NonFiniteLossError`); with
 fp32/bf16 there is no scaler to recover, so :class:`NonFiniteLossError` stops training before the bad
 update reaches the weights, leaving the last checkpoint as the last good state.
 """
@@ -26,11 +27,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 class AmpStep:
-    def __init__(self, amp: str, device: torch.device, clip_grad: float | None = None):
+    def __init__(self, amp: str, device: torch.device, clip_grad: float | None = None,
+                 max_nonfinite_updates: int = 20):
         if amp not in AMP_DTYPES:
             raise ValueError(f"trainer.amp={amp!r}; choose one of {sorted(AMP_DTYPES)}")
         self.amp, self.dtype, self.device_type = amp, AMP_DTYPES[amp], device.type
         self.clip_grad = clip_grad
+        # fp16: an overflow skips a step and halves the scale, so a healthy run skips a few in a row at most
+        # (16 take the initial scale 2^16 down to 1); a diverged one skips every step from then on.
+        self.max_nonfinite_updates, self.nonfinite_in_a_row = max_nonfinite_updates, 0
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=amp == "fp16")
         # Count of fp16 steps skipped by the scaler, kept on device: no host sync per step.
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
@@ -52,8 +57,16 @@ class AmpStep:
             self.skipped += (~torch.isfinite(norm)).long()
             if self.clip_grad is not None:
                 clip_grads_with_norm_(params, self.clip_grad, norm)
-            self.scaler.step(optimizer)  # skips the update itself when grads are inf/NaN
+            self.scaler.step(optimizer)  # skips the update itself when grads are inf/NaN (it syncs for that)
             self.scaler.update()
+            self.nonfinite_in_a_row = 0 if torch.isfinite(norm) else self.nonfinite_in_a_row + 1
+            if self.nonfinite_in_a_row >= self.max_nonfinite_updates:
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(
+                    f"the last {self.nonfinite_in_a_row} updates all had NaN/inf gradients with trainer.amp=fp16 "
+                    f"(loss scale now {self.scaler.get_scale():.3g}): training diverged. They were skipped and "
+                    "nothing more is saved; the last checkpoint is the last good state. Lower optimizer.lr or set "
+                    "trainer.clip_grad (trainer.max_nonfinite_updates sets the limit)")
         else:
             if not torch.isfinite(norm):  # one host sync per optimizer step; rank-consistent after DDP
                 optimizer.zero_grad(set_to_none=True)

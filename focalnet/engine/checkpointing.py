@@ -16,18 +16,39 @@ objects: RNG states are stored as tensors and lists)::
     best_metric  best validation top-1 so far (or None)
     wandb_id     the W&B run id, so a resumed run continues the same W&B run
     world_size   number of ranks that wrote ``rng``
+
+Integrity: ``torch.save`` writes a zip archive that stores a CRC-32 of every entry (the pickle and each tensor
+storage). ``torch.load`` does not check them, so :func:`verify_file` does: a truncated file, random bytes or a
+flipped byte anywhere (also in ``best.pt``, which is a hard link of a ``last.pt``) is reported with the path
+before anything is loaded.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from focalnet.models.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+
+# What a checkpoint needs to continue a run (best.pt / epoch_N.pt hold it too: they are copies of a last.pt).
+TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch", "rng",
+                       "config")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous file is intact."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -42,7 +63,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
-    """Write via a temporary file + fsync + rename: a crash leaves either the old or the new file, never half."""
+    """Write via a temporary file + fsync + rename: a crash leaves either the old or the new file, never half.
+
+    A full disk (or quota) raises :class:`CheckpointWriteError` naming the path, the size needed and the space
+    left; the previous file at ``path`` is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
@@ -52,6 +77,14 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save re-raises a failed write as RuntimeError (context: OSError)
+        if not _disk_full(e):
+            raise
+        need, free = _tensor_bytes(obj), shutil.disk_usage(path.parent).free
+        raise CheckpointWriteError(
+            errno.ENOSPC, f"no space left on device writing {path}: the checkpoint needs about {need / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB are free on that file system; the previous {path.name} is intact. Free space "
+            f"(or move the run directory) and relaunch to resume") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -61,6 +94,40 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def remove_orphan_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete ``.<name>.tmp.<pid>`` files left by saves that were killed mid-write (call after a successful save,
+    by the run directory's owner, so no live writer's file is touched)."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp.*"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    if removed:
+        log.info("removed %d unfinished checkpoint file(s) of killed saves: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 def link_or_copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -81,8 +148,55 @@ def link_or_copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
             tmp.unlink()
 
 
-def load_file(path: str | os.PathLike, map_location="cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
+def verify_file(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` unless it is a complete torch zip file whose every entry
+    matches the CRC-32 stored for it (see the module docstring)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt: not a complete checkpoint file (truncated, or not written by "
+                              f"torch.save; {e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt: the stored checksum of its entry {bad!r} does not match "
+                              f"(damaged on disk)") from None
+
+
+def load_file(path: str | os.PathLike, map_location="cpu", verify: bool = True) -> dict:
+    """``torch.load(path, weights_only=True)`` after :func:`verify_file` (for zip files; the legacy format of
+    some released ``.pth`` files has no checksums); errors name the path."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic[:1] != b"\x80" and magic != b"PK":  # neither torch's zip format nor its legacy pickle format
+        raise CheckpointError(f"{path} is corrupt: not a torch.save file (empty, truncated or overwritten)")
+    if verify and magic == b"PK":
+        verify_file(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {path}: it is not a plain tensor checkpoint (torch.load with "
+                              f"weights_only=True rejected it, so none of its code ran). Only load files you trust; "
+                              f"detail: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} is corrupt: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def first_non_finite(state_dict) -> str | None:
+    """The name of the first floating-point tensor holding NaN/inf, or None."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    """A checkpoint that can continue a run (every key of :data:`TRAINING_STATE_KEYS`), or CheckpointError."""
+    ckpt = load_file(path)
+    missing = [k for k in TRAINING_STATE_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint of this framework (no {', '.join(missing)}): "
+                              f"use trainer.init_from={path} to start from its weights")
+    return ckpt
 
 
 def capture_rng() -> dict:
@@ -113,14 +227,35 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def resume_path(resume: str | None, run_dir: str | os.PathLike) -> Path | None:
-    """``auto`` -> ``<run_dir>/checkpoints/last.pt`` if it exists; a path -> that file; null -> None."""
+def find_resume_checkpoint(resume: str | None, run_dir: str | os.PathLike) -> tuple[Path | None, dict | None]:
+    """The checkpoint to continue from, loaded: ``(path, checkpoint)``, or ``(None, None)`` to start fresh.
+
+    ``trainer.resume=PATH``: that file (a CheckpointError names it when it is unusable). ``auto``: the newest
+    file of ``<run_dir>/checkpoints/*.pt`` that is intact and holds a full training state (``last.pt`` first
+    among files written at the same time), saying which one and why when it is not ``last.pt``. When the
+    directory holds checkpoints and none is usable, CheckpointError lists each with its problem: starting over
+    would overwrite them. ``null``: start fresh.
+    """
     if resume is None:
-        return None
-    if resume == "auto":
-        last = Path(run_dir) / "checkpoints" / "last.pt"
-        return last if last.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"trainer.resume={resume!r}: no such checkpoint file")
-    return path
+        return None, None
+    if resume != "auto":
+        return Path(resume), load_training_state(resume)
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    candidates = sorted(ckpt_dir.glob("*.pt"), key=lambda p: (-p.stat().st_mtime_ns, p.name != "last.pt"))
+    problems = [] if (ckpt_dir / "last.pt").exists() or not candidates else [f"{ckpt_dir / 'last.pt'}: missing"]
+    for path in candidates:
+        try:
+            ckpt = load_training_state(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log.warning("resuming from %s (step %d), the newest usable checkpoint, because %s", path, ckpt["step"],
+                        "; ".join(problems))
+        return path, ckpt
+    if candidates:
+        raise CheckpointError(
+            f"trainer.resume=auto: {ckpt_dir} holds checkpoints but none can continue the run ({'; '.join(problems)})."
+            f" Nothing was overwritten. Resume from a copy with trainer.resume=PATH, or move {ckpt_dir} away to "
+            f"start over in this directory, or start a new run directory")
+    return None, None

@@ -28,6 +28,36 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# Environment variables whose values must never be written: config.yaml, provenance.json, checkpoints, W&B.
+SECRET_NAME_PARTS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+REDACTED = "<redacted>"
+_MIN_SECRET_LEN = 8  # shorter values are redacted only where they are a whole value, not inside other strings
+
+
+def secret_values(environ=None) -> list[str]:
+    """Values of the environment variables whose names contain KEY, TOKEN, SECRET or PASSWORD."""
+    environ = os.environ if environ is None else environ
+    return sorted({v for k, v in environ.items() if v and any(p in k.upper() for p in SECRET_NAME_PARTS)},
+                  key=len, reverse=True)
+
+
+def redact_secrets(obj, secrets_: list[str] | None = None):
+    """A copy of ``obj`` (dicts, lists, strings) in which every value resolved from a secret-looking environment
+    variable (``${oc.env:WANDB_API_KEY}``, a token in a URL...) reads ``<redacted>``."""
+    secrets_ = secret_values() if secrets_ is None else secrets_
+    if isinstance(obj, dict):
+        return {k: redact_secrets(v, secrets_) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(redact_secrets(v, secrets_) for v in obj)
+    if isinstance(obj, str):
+        for secret in secrets_:
+            if obj == secret:
+                return REDACTED
+            if len(secret) >= _MIN_SECRET_LEN and secret in obj:
+                obj = obj.replace(secret, REDACTED)
+    return obj
+
+
 _PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy", "pillow", "ffcv")
 
 
@@ -56,7 +86,7 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 def provenance(cfg: dict, world_size: int, device: str) -> dict:
-    """What produced this run: resolved config, code version, package versions, hardware."""
+    """What produced this run: resolved config, code version, package versions, hardware (secrets redacted)."""
     repo = Path(__file__).resolve().parents[2]
 
     def git(*args):
@@ -73,7 +103,7 @@ def provenance(cfg: dict, world_size: int, device: str) -> dict:
             pass
     import torch
 
-    return {
+    return redact_secrets({
         "git_sha": git("rev-parse", "HEAD") or None,
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "python": sys.version.split()[0],
@@ -86,7 +116,7 @@ def provenance(cfg: dict, world_size: int, device: str) -> dict:
         "command": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": cfg,
-    }
+    })
 
 
 class RunLogger:
@@ -140,3 +170,17 @@ def write_run_files(run_dir: Path, prov: dict) -> None:
 
     (run_dir / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(prov["config"])))
+
+
+def record_launch(run_dir: Path, prov: dict) -> Path:
+    """Keep this launch's config and provenance in ``launches/<n>/``; the run directory's own ``config.yaml`` and
+    ``provenance.json`` are the first launch's and are never overwritten. Returns the launch directory."""
+    launches = run_dir / "launches"
+    launches.mkdir(parents=True, exist_ok=True)
+    n = 1 + max((int(p.name) for p in launches.iterdir() if p.name.isdigit()), default=0)
+    here = launches / f"{n:03d}"
+    here.mkdir()
+    write_run_files(here, prov)
+    if not (run_dir / "config.yaml").exists():
+        write_run_files(run_dir, prov)
+    return here

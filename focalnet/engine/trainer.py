@@ -1,15 +1,20 @@
 """``train(cfg)``: set up a run from the config, train with periodic validation and checkpoints, resume exactly.
 
-Order of work: validate the config -> join the process group -> data -> model (seeded identically on every
-rank; + init_from / resume state) -> EMA -> DDP -> torch.compile -> loggers -> per-rank seeds (seed + rank),
-or the checkpoint's RNG states on resume -> epochs.
+Order of work: validate the config -> join the process group -> lock the run directory and choose (and check)
+the checkpoint to resume -> data -> model (seeded identically on every rank; + model.pretrained / init_from /
+resume state) -> EMA -> DDP -> torch.compile -> loggers -> per-rank seeds (seed + rank), or the checkpoint's RNG
+states on resume -> epochs.
 
 Exit protocol (used by train.py):
 * normal end: returns a summary dict (final validation metrics, step, run_dir).
-* SIGTERM/SIGUSR1 (SLURM preemption): every rank finishes the current update, rank 0 writes ``last.pt``,
-  and :class:`TrainingPreempted` is raised; ``train.py`` exits with ``EXIT_PREEMPTED`` (75, ``EX_TEMPFAIL``:
-  "try again"). Relaunching with ``trainer.resume=auto`` in the same run dir continues exactly.
-* non-finite loss in fp32/bf16: :class:`NonFiniteLossError`; the last checkpoint stays the last good state.
+* SIGTERM/SIGINT/SIGUSR1/SIGUSR2 (SLURM preemption or time limit, Ctrl-C), to the training process alone or to
+  the whole job (data workers leave the shutdown to it: :func:`data.loaders.leave_shutdown_to_parent`): every
+  rank finishes the current update, rank 0 writes ``last.pt``, and :class:`TrainingPreempted` is raised;
+  ``train.py`` exits with ``EXIT_PREEMPTED`` (75, ``EX_TEMPFAIL``: "try again"). Relaunching with
+  ``trainer.resume=auto`` in the same run dir continues exactly.
+* divergence (non-finite loss in fp32/bf16, ``trainer.max_nonfinite_updates`` skipped fp16 updates in a row,
+  non-finite weights at a save): :class:`NonFiniteLossError`, ``train.py`` exits with ``EXIT_DIVERGED`` (3);
+  the last checkpoint stays the last good state (non-finite weights are never written).
 """
 
 from __future__ import annotations
@@ -32,31 +37,40 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 import data as data_lib
+from data.loaders import JOB_SIGNALS
 from focalnet.engine import distributed as D
-from focalnet.engine.amp import AmpStep
+from focalnet.engine.amp import AmpStep, NonFiniteLossError
 from focalnet.engine.build import (
     build_mixup_and_loss,
     build_model,
     build_optimizer,
     build_scheduler,
     init_weights_from,
+    pretrained_source,
 )
 from focalnet.engine.checkpointing import (
     capture_rng,
+    find_resume_checkpoint,
+    first_non_finite,
     link_or_copy_atomic,
-    load_file,
+    load_training_state,
+    remove_orphan_temporaries,
     restore_rng,
-    resume_path,
     save_atomic,
 )
 from focalnet.engine.config import ConfigError, scaled_lrs, validate_config
-from focalnet.engine.loggers import RunLogger, provenance, write_run_files
+from focalnet.engine.loggers import RunLogger, provenance, record_launch, redact_secrets
 from focalnet.engine.loop import TrainState, train_one_epoch, validate
+from focalnet.engine.rundir import TOTAL_BATCH, RunDirLock, check_resume_config
+from focalnet.models.checkpoint import CheckpointError
+from focalnet.models.sources import resolve
 
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # USR2: submitit (hydra/launcher=slurm)
+EXIT_DIVERGED = 3  # NaN/inf loss or gradients (fp32/bf16: the first; fp16: trainer.max_nonfinite_updates in a row)
+# SLURM/systemd stops (TERM), submitit's requeue signal (USR2, hydra/launcher=slurm), USR1, a terminal's Ctrl-C.
+PREEMPT_SIGNALS = JOB_SIGNALS
 
 
 # Test hook: see TrainRun._pause_for_test. Unset in real runs.
@@ -89,7 +103,8 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 class _PreemptFlag:
-    """Sets a flag on SIGTERM/SIGUSR1; the loop acts on it between updates (never inside a handler)."""
+    """Sets a flag on SIGTERM/SIGINT/SIGUSR1/SIGUSR2; the loop acts on it between updates (never inside a
+    handler). Later signals only set it again: a second Ctrl-C or SIGTERM cannot interrupt the save."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -102,18 +117,23 @@ class _PreemptFlag:
         return self
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        if self.signum is None:  # the first one decides; os.write: the logging lock may be held by the loop
+            self.signum = signum
+            os.write(2, f"\n{signal.Signals(signum).name} received: finishing the current update, then saving "
+                        f"checkpoints/last.pt and exiting with code {EXIT_PREEMPTED}\n".encode())
 
     def chain(self) -> None:
         """Pass the signal on to the handler installed before ours, once ``last.pt`` is saved: under
         hydra-submitit-launcher that is submitit's checkpoint-and-requeue (rank 0 requeues the job and exits)."""
         previous = self._previous.get(self.signum)
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:  # (that one raises KeyboardInterrupt)
             previous(self.signum, None)
 
     def __exit__(self, *exc):
+        # Once stopping, later stop signals (a second Ctrl-C, SLURM's repeats) are ignored until the process has
+        # exited with its code; otherwise the handlers that were there before come back.
         for s, h in self._previous.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_IGN if self.signum is not None else h)
 
 
 def train(cfg: DictConfig | dict) -> dict:
@@ -129,7 +149,16 @@ class TrainRun:
     as the loop benchmark build one directly and drive ``train_epoch``)."""
 
     def __init__(self, cfg: dict, info: D.DistInfo, preempt: _PreemptFlag | None = None):
+        self.lock = RunDirLock(Path(cfg["paths"]["output_dir"]).resolve())
+        try:
+            self._setup(cfg, info, preempt)
+        except BaseException:
+            self.lock.release()  # a refused or failed setup leaves the directory free at once
+            raise
+
+    def _setup(self, cfg: dict, info: D.DistInfo, preempt: _PreemptFlag | None) -> None:
         self.cfg, self.info = cfg, info
+        self.resume_changes: dict = {}
         self.preempt = preempt or _PreemptFlag()  # not installed: signals keep their handlers
         self.pbar = None
         t = self.t = cfg["trainer"]
@@ -138,6 +167,11 @@ class TrainRun:
         if len(set(dirs)) != 1:
             raise RuntimeError(f"ranks disagree on the run directory: {dirs}; set FOCALNET_RUN_ID or hydra.run.dir")
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # Written files carry this copy: values of secret-looking environment variables are masked.
+        self.public_cfg = redact_secrets(cfg)
+        # One owner per run directory (rank 0 holds the lock for the job), then the checkpoint to continue from,
+        # both before any work: a refusal comes in seconds and touches nothing.
+        ckpt_path, ckpt = self._claim_run_dir()
         self.device = resolve_device(t["device"], info.local_rank)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest conv kernels once
@@ -155,9 +189,20 @@ class TrainRun:
 
         # Model, optimizer, schedule, loss. The derived LRs are computed and logged in exactly one place.
         seed_everything(t["seed"])  # same initial weights on every rank (DDP's broadcast is then a no-op)
-        model = build_model(cfg["model"])
-        if t["init_from"]:
-            init_weights_from(model, t["init_from"], t["init_head"], seed=t["seed"])
+        model = build_model(cfg["model"], timm_pretrained=True)
+        source = t["init_from"] or (pretrained_source(cfg["model"]) if cfg["model"]["library"] == "focalnet" else None)
+        if source is not None:
+            if info.distributed:  # rank 0 downloads into the shared caches first; the others then read them
+                problem = None
+                if info.rank == 0:
+                    try:
+                        resolve(source, variant=cfg["model"]["name"])
+                    except CheckpointError as e:
+                        problem = str(e)
+                problem = D.broadcast_object(problem)  # every rank stops with the message, none waits forever
+                if problem:
+                    raise CheckpointError(problem)
+            init_weights_from(model, source, t["init_head"], seed=t["seed"])
         model.to(self.device)
         if t["channels_last"]:
             model.to(memory_format=torch.channels_last)
@@ -169,23 +214,15 @@ class TrainRun:
         self.scheduler = build_scheduler(self.optimizer, cfg["schedule"], total_steps=self.total_steps,
                                          steps_per_epoch=self.updates_per_epoch,
                                          warmup_lr=self.derived["warmup_lr"], min_lr=self.derived["min_lr"])
-        self.amp = AmpStep(t["amp"], self.device, t["clip_grad"])
+        self.amp = AmpStep(t["amp"], self.device, t["clip_grad"], t["max_nonfinite_updates"])
         self.mixup, self.criterion = build_mixup_and_loss(cfg["aug"], cfg["model"]["num_classes"])
         self.params = [p for p in model.parameters() if p.requires_grad]
 
         # Resume state (weights before DDP so every rank starts from the file, RNG restored last).
         self.state = TrainState()
         self.wandb_id = None
-        ckpt_path = resume_path(t["resume"], self.run_dir)
-        ckpt = load_file(ckpt_path) if ckpt_path else None
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.amp.load_state_dict(ckpt["scaler"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            self.state = TrainState(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
-                                    best_metric=ckpt["best_metric"])
-            self.wandb_id = ckpt.get("wandb_id")
+            self._load_training_state(ckpt_path, ckpt)
 
         self.ema = None  # a copy of the bare model, made before DDP attaches its hooks
         if t["ema_decay"] is not None:
@@ -203,10 +240,10 @@ class TrainRun:
 
         # Side effects on rank 0 only.
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        prov = provenance(cfg, info.world_size, str(self.device)) if info.is_main else None
+        prov = provenance(self.public_cfg, info.world_size, str(self.device)) if info.is_main else None
         if info.is_main:
-            write_run_files(self.run_dir, prov)
-        self.logger = RunLogger(self.run_dir, cfg, enabled=info.is_main, wandb_id=self.wandb_id,
+            record_launch(self.run_dir, prov)
+        self.logger = RunLogger(self.run_dir, self.public_cfg, enabled=info.is_main, wandb_id=self.wandb_id,
                                 derived=self.derived, prov=prov)
         self.wandb_id = self.logger.wandb_id
         log.info("world %d, device %s, total batch %d: lr %.3g, warmup_lr %.3g, min_lr %.3g (per-512 values "
@@ -231,9 +268,77 @@ class TrainRun:
         self.scheduler.step_update(num_updates=self.state.step)
         self._window = (time.perf_counter(), self.state.step)
 
-    # -- checkpoints -------------------------------------------------------------------------------------
+    # -- run directory and checkpoints -------------------------------------------------------------------
+
+    def _claim_run_dir(self) -> tuple[Path | None, dict | None]:
+        """Rank 0 locks the run directory and picks the checkpoint to resume; every rank gets the outcome (so
+        all stop together on a refusal) and loads the chosen file. Returns ``(path, checkpoint)`` or Nones."""
+        t, error, chosen, ckpt = self.t, None, None, None
+        if self.info.is_main:
+            try:
+                self.lock.acquire()
+                path, ckpt = find_resume_checkpoint(t["resume"], self.run_dir)
+                chosen = str(path) if path is not None else None
+            except (ConfigError, CheckpointError) as e:
+                error = (type(e).__name__, str(e))
+        error, chosen = D.broadcast_object((error, chosen))
+        if error is not None:
+            raise (CheckpointError if error[0] == "CheckpointError" else ConfigError)(error[1])
+        if chosen is None:
+            if t["resume"] is None and any(self.ckpt_dir.glob("*.pt")):
+                log.warning("trainer.resume=null: starting over; the checkpoints in %s will be overwritten",
+                            self.ckpt_dir)
+            return None, None
+        if ckpt is None:
+            ckpt = load_training_state(chosen)
+        old_world = int(ckpt.get("world_size", len(ckpt["rng"])))
+        self.resume_changes = check_resume_config(chosen, ckpt["config"], old_world, self.public_cfg,
+                                                  self.info.world_size)
+        return Path(chosen), ckpt
+
+    def _load_training_state(self, path: Path, ckpt: dict) -> None:
+        """Weights, optimizer, scaler, schedule and position from ``ckpt``; keys accepted by
+        ``trainer.resume_allow_changes`` take their new values (see ``focalnet.engine.rundir``)."""
+        changed = set(self.resume_changes)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: its weights do not fit model={self.cfg['model']['name']}: "
+                                  f"{str(e).splitlines()[0]} ...") from None
+        # Accepted changes of the LR, the schedule or the batch: the new hyperparameters and the new schedule
+        # (a function of the config and the step) with the saved moments.
+        new_hyper = any(k.startswith(("optimizer.", "schedule.")) or k in (TOTAL_BATCH, "trainer.epochs",
+                                                                          "trainer.max_steps") for k in changed)
+        if "optimizer.name" in changed:
+            log.warning("optimizer changed: its state (moments) restarts from zero")
+        else:
+            fresh = [dict(g) for g in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            for group, new in zip(self.optimizer.param_groups, fresh if new_hyper else ()):
+                group.update({k: v for k, v in new.items() if k != "params"})
+        self.amp.load_state_dict(ckpt["scaler"])
+        if not new_hyper:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        old_cfg, t = ckpt["config"], self.t
+        old_world = int(ckpt.get("world_size", len(ckpt["rng"])))
+        # The position in the epoch as samples seen, re-expressed in this launch's micro-batches (a different
+        # world size with the same total batch lands on the same update).
+        samples = ckpt["batch_in_epoch"] * old_cfg["data"]["batch_size"] * old_world
+        micro = samples // (self.cfg["data"]["batch_size"] * self.info.world_size)
+        self.state = TrainState(step=ckpt["step"], epoch=ckpt["epoch"],
+                                batch_in_epoch=micro - micro % t["accum_steps"], best_metric=ckpt["best_metric"])
+        self.wandb_id = ckpt.get("wandb_id")
 
     def save(self, name: str = "last.pt", also: tuple[str, ...] = ()) -> None:
+        """Write ``name`` (+ hard links ``also``) on rank 0; every rank calls it. Non-finite weights are never
+        written: every rank raises NonFiniteLossError instead (the weights are identical on every rank)."""
+        for label, module in (("model", self.model), ("ema", self.ema.module if self.ema is not None else None)):
+            bad = first_non_finite(module.state_dict()) if module is not None else None
+            if bad is not None:
+                raise NonFiniteLossError(
+                    f"{label} weight {bad} is NaN/inf at step {self.state.step}: not saving it; "
+                    f"{self.ckpt_dir / 'last.pt'} stays the last good state. Lower optimizer.lr or set "
+                    f"trainer.clip_grad, then resume")
         rngs = D.all_gather_object(capture_rng())  # collective: every rank calls save()
         if not self.info.is_main:
             return
@@ -245,11 +350,12 @@ class TrainRun:
             "scheduler": self.scheduler.state_dict(),
             "step": self.state.step, "epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
             "rng": rngs, "world_size": self.info.world_size,
-            "config": self.cfg, "best_metric": self.state.best_metric, "wandb_id": self.wandb_id,
+            "config": self.public_cfg, "best_metric": self.state.best_metric, "wandb_id": self.wandb_id,
         }
         save_atomic(obj, self.ckpt_dir / name)
         for n in also:  # best.pt / epoch_N.pt: the same bytes, linked instead of written again
             link_or_copy_atomic(self.ckpt_dir / name, self.ckpt_dir / n)
+        remove_orphan_temporaries(self.ckpt_dir)  # of saves killed mid-write (we own the directory)
 
     # -- per-update hook ---------------------------------------------------------------------------------
 
@@ -362,9 +468,10 @@ class TrainRun:
                     stop = "done"
             if stop == "preempted":
                 self.save("last.pt")
-                log.warning("signal %s: saved %s at step %d; exiting with code %d (resume with "
-                            "trainer.resume=auto)", self.preempt.signum, self.ckpt_dir / "last.pt", state.step,
-                            EXIT_PREEMPTED)
+                if self.info.is_main:
+                    log.warning("%s: saved %s at step %d; exiting with code %d (resume with trainer.resume=auto)",
+                                signal.Signals(self.preempt.signum).name, self.ckpt_dir / "last.pt", state.step,
+                                EXIT_PREEMPTED)
                 failed = False          # a clean stop: the next launch resumes this run (and its W&B run)
                 self.preempt.chain()    # submitit: requeue this job with the same config, then exit
                 raise TrainingPreempted(f"preempted at step {state.step}; checkpoint {self.ckpt_dir / 'last.pt'}")
@@ -383,3 +490,4 @@ class TrainRun:
         finally:
             self.pbar.close()
             self.logger.close(failed=failed)
+            self.lock.release()
