@@ -92,6 +92,26 @@ def train_env(**extra) -> dict:
     return env
 
 
+def wait_parked(proc: subprocess.Popen, marker: Path, ranks: int = 1, *, log: Path | None = None,
+                timeout: float = 600) -> list[int]:
+    """Wait until every rank of a run started with ``FOCALNET_PAUSE_AT_STEP`` / ``FOCALNET_PAUSE_FILE=marker`` is
+    parked after its update (rank r writes ``marker.rank<r>`` holding its pid); return the pids. The files are
+    removed, so waiting again waits for a restarted rank's own file. Fails if the process ends first."""
+    import time
+
+    files = [Path(f"{marker}.rank{r}") for r in range(ranks)]
+    deadline = time.time() + timeout
+    while not all(f.exists() for f in files):
+        output = log.read_text()[-5000:] if log is not None and log.exists() else ""
+        assert proc.poll() is None, f"exited with {proc.returncode} before every rank parked:\n{output}"
+        assert time.time() < deadline, f"no rank parked within {timeout} s:\n{output}"
+        time.sleep(0.05)
+    pids = [int(f.read_text()) for f in files]
+    for f in files:
+        f.unlink()
+    return pids
+
+
 def run_train(args, *, env=None, timeout=600, tiny=True, launcher=(PYTHON,), flags=(), **popen):
     """Run ``train.py`` (or a launcher in front of it) to completion; returns CompletedProcess (text).
 

@@ -23,10 +23,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_parked
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "scripts" / "launch_torchrun.sh"
@@ -92,18 +92,6 @@ def test_two_nodes_c10d_one_run_dir_identical_weights_and_relaunch(tmp_path):
 RESTART = ["aug=deit", "trainer.epochs=2", "trainer.ckpt_every_steps=3", "trainer.log_every=1"]  # 8 updates/epoch
 
 
-def wait_for_new_file(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 600) -> int:
-    """The pid a parked worker wrote to ``path`` (the pause hook), once it exists."""
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"launcher ended (exit {proc.returncode}): {log.read_text()[-5000:]}"
-        assert time.time() < deadline, f"no worker parked within {timeout} s"
-        time.sleep(0.1)
-    pid = int(path.read_text())
-    path.unlink()  # so the next wait sees the restarted worker's own file
-    return pid
-
-
 @pytest.mark.slow
 def test_max_restarts_restarts_workers_that_resume_exactly(tmp_path):
     """README "Multi-node": MAX_RESTARTS is torchrun's --max-restarts, and restarted workers resume from last.pt.
@@ -122,10 +110,9 @@ def test_max_restarts_restarts_workers_that_resume_exactly(tmp_path):
     with open(log, "w") as out:
         proc = subprocess.Popen(["bash", str(LAUNCH), *TINY, *RESTART], cwd=tmp_path, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
-        parked = Path(f"{marker}.rank0")
-        first = wait_for_new_file(parked, proc, log)
+        (first,) = wait_parked(proc, marker, log=log)
         os.kill(first, signal.SIGKILL)             # a crash: torchrun restarts the worker
-        second = wait_for_new_file(parked, proc, log)
+        (second,) = wait_parked(proc, marker, log=log)
         assert second != first
         os.kill(second, signal.SIGTERM)            # a preemption: saves update 5, exits 75, torchrun restarts
         proc.wait(timeout=600)

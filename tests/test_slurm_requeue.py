@@ -18,10 +18,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_parked
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=30",
@@ -38,15 +38,6 @@ def env_for(out: Path, **extra: str) -> dict:
 
 def rows(metrics: Path) -> list[dict]:
     return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-
-
-def wait_for_files(paths: list[Path], job: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    """Until every path exists (each task writes its own when it parks), or the job ends first."""
-    deadline = time.time() + timeout
-    while not all(p.exists() for p in paths):
-        assert job.poll() is None, f"the job ended before every task parked: {log.read_text()[-5000:]}"
-        assert time.time() < deadline, f"no task parked within {timeout} s"
-        time.sleep(0.1)
 
 
 def task_pids(sweep_dir: Path) -> list[int]:
@@ -82,11 +73,10 @@ def test_preempted_submitit_job_is_requeued_and_resumes_exactly(tmp_path):
         job = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *ARGS], cwd=tmp_path,
                                env=env_for(out, FOCALNET_PAUSE_AT_STEP="10", FOCALNET_PAUSE_FILE=str(marker)),
                                stdout=log_file, stderr=subprocess.STDOUT)
-        parked = [Path(f"{marker}.rank{r}") for r in (0, 1)]
-        wait_for_files(parked, job, launcher_log)
+        parked = wait_parked(job, marker, ranks=2, log=launcher_log)
         (sweep_dir,) = out.joinpath("multirun").iterdir()  # one sweep dir
         pids = task_pids(sweep_dir)  # the 2 tasks and their DataLoader workers (forked: the same command line)
-        assert {int(path.read_text()) for path in parked} <= set(pids) and len(pids) >= 4
+        assert set(parked) <= set(pids) and len(pids) >= 4
         for pid in pids:  # SLURM signals every process of the job step, data workers included
             os.kill(pid, signal.SIGUSR2)
         job.wait(timeout=600)

@@ -18,13 +18,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from conftest import PYTHON, ROOT, TINY, compose_eval, run_train, train_env
+from conftest import PYTHON, ROOT, TINY, compose_eval, run_train, train_env, wait_parked
 
 from focalnet.engine.checkpointing import load_file
 from focalnet.engine.trainer import EXIT_PREEMPTED
@@ -105,26 +104,24 @@ def assert_same_training_state(a: dict, b: dict) -> None:
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def start_and_wait_for_step(run_dir: Path, step: int, *extra: str, args=RESUME) -> subprocess.Popen:
-    """Start a run that parks after update ``step`` (the FOCALNET_PAUSE_AT_STEP test hook) and return once it
-    is parked: the kill or signal then lands at exactly that step, however loaded the machine is."""
+def start_and_wait_for_step(run_dir: Path, step: int, *extra: str, args=RESUME) -> tuple[subprocess.Popen, Path]:
+    """Start a run that parks after update ``step`` (the FOCALNET_PAUSE_AT_STEP test hook) and return it and its
+    output file once it is parked: the kill or signal then lands at exactly that step, however loaded the
+    machine is."""
     marker = run_dir.parent / "paused"
     cmd = [PYTHON, str(ROOT / "train.py"), *TINY, *args, f"hydra.run.dir={run_dir}", *extra]
     env = train_env(FOCALNET_PAUSE_AT_STEP=str(step), FOCALNET_PAUSE_FILE=str(marker))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if Path(f"{marker}.rank0").exists():
-            return proc
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"run never reached step {step}: {proc.stderr.read()[-3000:]}")
+    log = run_dir.parent / "train.out"  # a file: a pipe nobody reads could fill up and stall the run
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    wait_parked(proc, marker, log=log)
+    return proc, log
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch_is_bitwise_exact(tmp_path, reference_run):
     run_dir = tmp_path / "run"
-    proc = start_and_wait_for_step(run_dir, 23)  # epoch 1 (steps 17-32); last.pt from step 20
+    proc, _ = start_and_wait_for_step(run_dir, 23)  # epoch 1 (steps 17-32); last.pt from step 20
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     killed_at = max(m["step"] for m in read_metrics(run_dir))
@@ -140,10 +137,10 @@ def test_resume_after_sigkill_mid_epoch_is_bitwise_exact(tmp_path, reference_run
 def test_resume_after_sigterm_is_bitwise_exact(tmp_path, reference_run):
     run_dir = tmp_path / "run"
     wandb_on = "logger.wandb.mode=offline"  # also: the resumed run continues the same W&B run
-    proc = start_and_wait_for_step(run_dir, 7, wandb_on)
+    proc, log = start_and_wait_for_step(run_dir, 7, wandb_on)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    proc.wait(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, log.read_text()[-3000:]
     saved = load_file(run_dir / "checkpoints" / "last.pt")
     assert saved["step"] == 7 and saved["wandb_id"]
     check(run_train([*RESUME, f"hydra.run.dir={run_dir}", wandb_on]))
@@ -237,9 +234,10 @@ def test_sigterm_saves_last_pt_and_exits_75(tmp_path):
     """Exit code 75 (EX_TEMPFAIL): the signal lands at a known update (the pause hook), the run saves that
     update's state to last.pt and exits 75, without a traceback."""
     run_dir = tmp_path / "run"
-    proc = start_and_wait_for_step(run_dir, 3, args=["data.train_size=64", "trainer.epochs=2"])
+    proc, log = start_and_wait_for_step(run_dir, 3, args=["data.train_size=64", "trainer.epochs=2"])
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    err = log.read_text()
     assert proc.returncode == EXIT_PREEMPTED == 75, err[-3000:]
     saved = load_file(run_dir / "checkpoints" / "last.pt")
     assert (saved["step"], saved["epoch"], saved["batch_in_epoch"]) == (3, 0, 3)
