@@ -253,8 +253,8 @@ def _record_what_the_model_sees(monkeypatch) -> dict:
     seen = {"train_forwards": [], "block_calls": 0, "target_ndims": set()}
     real_build_model, real_mixup_and_loss = trainer_module.build_model, trainer_module.build_mixup_and_loss
 
-    def build_model(model_cfg):
-        model = real_build_model(model_cfg)
+    def build_model(model_cfg, **kwargs):
+        model = real_build_model(model_cfg, **kwargs)
 
         def before(module, args):
             if module.training:
