@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import PYTHON, ROOT, TINY, compose_eval, run_train, train_env, wait_parked
+from conftest import PYTHON, compose_eval, run_train, start_paused_at, train_env, wandb_run_record
 
 from focalnet.engine.checkpointing import load_file
 from focalnet.engine.trainer import EXIT_PREEMPTED
@@ -105,16 +105,9 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 
 
 def start_and_wait_for_step(run_dir: Path, step: int, *extra: str, args=RESUME) -> tuple[subprocess.Popen, Path]:
-    """Start a run that parks after update ``step`` (the FOCALNET_PAUSE_AT_STEP test hook) and return it and its
-    output file once it is parked: the kill or signal then lands at exactly that step, however loaded the
-    machine is."""
-    marker = run_dir.parent / "paused"
-    cmd = [PYTHON, str(ROOT / "train.py"), *TINY, *args, f"hydra.run.dir={run_dir}", *extra]
-    env = train_env(FOCALNET_PAUSE_AT_STEP=str(step), FOCALNET_PAUSE_FILE=str(marker))
-    log = run_dir.parent / "train.out"  # a file: a pipe nobody reads could fill up and stall the run
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    wait_parked(proc, marker, log=log)
+    """A run parked after update ``step`` (conftest's start_paused_at) and its output file."""
+    log = run_dir.parent / "train.out"
+    proc = start_paused_at(step, [*args, f"hydra.run.dir={run_dir}", *extra], run_dir.parent / "paused", log=log)
     return proc, log
 
 
@@ -163,6 +156,7 @@ def test_torchrun_two_ranks_gloo(tmp_path):
     (run_dir,) = out_root.iterdir()  # one run directory for both ranks
     assert (run_dir / "train.log").exists() and (run_dir / "train_rank1.log").exists()
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # W&B on rank 0 only
+    assert wandb_run_record(run_dir)["run_group"] == run_dir.name  # the job's run id, once for all ranks
     metrics = read_metrics(run_dir)
     final = next(m for m in metrics if "final/weights_sha256_per_rank" in m)
     hashes = final["final/weights_sha256_per_rank"]

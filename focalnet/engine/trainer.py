@@ -34,12 +34,12 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
-from tqdm import tqdm
 
 import data as data_lib
 from data.loaders import JOB_SIGNALS
 from focalnet.engine import distributed as D
 from focalnet.engine.amp import AmpStep, NonFiniteLossError
+from focalnet.engine.artifacts import CheckpointUploader
 from focalnet.engine.build import (
     build_mixup_and_loss,
     build_model,
@@ -59,8 +59,10 @@ from focalnet.engine.checkpointing import (
     save_atomic,
 )
 from focalnet.engine.config import ConfigError, scaled_lrs, validate_config
-from focalnet.engine.loggers import RunLogger, provenance, record_launch, redact_secrets
+from focalnet.engine.console import Progress, end_block, start_block
+from focalnet.engine.loggers import RunLogger, provenance, record_launch, redact_secrets, wandb_group
 from focalnet.engine.loop import TrainState, train_one_epoch, validate
+from focalnet.engine.pictures import RunPictures
 from focalnet.engine.rundir import TOTAL_BATCH, RunDirLock, check_resume_config
 from focalnet.models.checkpoint import CheckpointError
 from focalnet.models.sources import resolve
@@ -160,7 +162,7 @@ class TrainRun:
         self.cfg, self.info = cfg, info
         self.resume_changes: dict = {}
         self.preempt = preempt or _PreemptFlag()  # not installed: signals keep their handlers
-        self.pbar = None
+        self.progress = Progress(total=0, initial=0, log_every=1, enabled=False)  # fit() makes the real one
         t = self.t = cfg["trainer"]
         self.run_dir = Path(cfg["paths"]["output_dir"]).resolve()
         dirs = D.all_gather_object(str(self.run_dir))
@@ -244,12 +246,13 @@ class TrainRun:
         if info.is_main:
             record_launch(self.run_dir, prov)
         self.logger = RunLogger(self.run_dir, self.public_cfg, enabled=info.is_main, wandb_id=self.wandb_id,
-                                derived=self.derived, prov=prov)
+                                derived=self.derived, prov=prov, job_type="finetune" if t["init_from"] else "train",
+                                group=wandb_group(self.public_cfg, t["init_from"]) if info.is_main else None)
         self.wandb_id = self.logger.wandb_id
-        log.info("world %d, device %s, total batch %d: lr %.3g, warmup_lr %.3g, min_lr %.3g (per-512 values "
-                 "scaled by %d/512); %d updates/epoch, %d updates", info.world_size, self.device,
-                 self.derived["total_batch"], self.derived["lr"], self.derived["warmup_lr"], self.derived["min_lr"],
-                 self.derived["total_batch"], self.updates_per_epoch, self.total_steps)
+        self.uploader = CheckpointUploader(self.logger.wandb, self.run_dir, cfg["logger"]["wandb"]["log_checkpoints"])
+        self.pictures = RunPictures(self.run_dir, cfg, self.logger, model, self.loaders.val, enabled=info.is_main)
+        if info.is_main:
+            log.info("%s", start_block(self))
         # Per-rank RNG streams (drop path, mixup) start here, after every setup step that might draw from the
         # global generators (W&B, compile...), so they do not depend on the setup; a resume then overwrites them.
         seed_everything(t["seed"] + info.rank)
@@ -351,18 +354,21 @@ class TrainRun:
             "step": self.state.step, "epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
             "rng": rngs, "world_size": self.info.world_size,
             "config": self.public_cfg, "best_metric": self.state.best_metric, "wandb_id": self.wandb_id,
+            "wandb_group": self.logger.group,
         }
         save_atomic(obj, self.ckpt_dir / name)
         for n in also:  # best.pt / epoch_N.pt: the same bytes, linked instead of written again
             link_or_copy_atomic(self.ckpt_dir / name, self.ckpt_dir / n)
         remove_orphan_temporaries(self.ckpt_dir)  # of saves killed mid-write (we own the directory)
+        self.uploader.saved(self.ckpt_dir / name, obj["model"], step=self.state.step, epoch=self.state.epoch,
+                            best="best.pt" in also, final=self.state.step >= self.total_steps,
+                            preempting=self.preempt.signum is not None, metadata={"best_top1": self.state.best_metric})
 
     # -- per-update hook ---------------------------------------------------------------------------------
 
     def after_step(self, state: TrainState, loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
         t, step = self.t, state.step
-        if self.pbar is not None:
-            self.pbar.update(1)
+        metrics = None
         if step % t["log_every"] == 0 or step == self.total_steps:
             now = time.perf_counter()
             t0, s0 = self._window
@@ -376,9 +382,7 @@ class TrainRun:
                 metrics["train/loss_scale"] = self.amp.scaler.get_scale()
                 metrics["train/skipped_steps"] = int(self.amp.skipped.item())
             self.logger.log(metrics, step=step)
-            if self.pbar is not None:
-                self.pbar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
-                                      img_s=f"{metrics['train/img_per_s']:.0f}", refresh=False)
+        self.progress.update(step, metrics)
         if step >= self.total_steps:
             return "done"
         if step == _PAUSE_AT_STEP:
@@ -405,10 +409,12 @@ class TrainRun:
     # -- validation --------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict:
-        m = validate(self.model, self.loaders.val, self.device, self.amp, self.t["channels_last"])
+        val = self.loaders.val
+        m = validate(self.model, self.progress.validation(val), self.device, self.amp, self.t["channels_last"])
         metrics = {f"val/{k}": v for k, v in m.items()}
         if self.ema is not None:
-            e = validate(self.ema.module, self.loaders.val, self.device, self.amp, self.t["channels_last"])
+            e = validate(self.ema.module, self.progress.validation(val, "val (EMA)"), self.device, self.amp,
+                         self.t["channels_last"])
             metrics.update({f"val_ema/{k}": v for k, v in e.items()})
         metrics["epoch"] = self.state.epoch
         self.logger.log(metrics, step=self.state.step)
@@ -424,9 +430,9 @@ class TrainRun:
 
     # -- main loop ---------------------------------------------------------------------------------------
 
-    def make_progress_bar(self, **kw) -> tqdm:
-        return tqdm(total=self.total_steps, initial=self.state.step, disable=not self.info.is_main,
-                    dynamic_ncols=True, mininterval=1.0, desc="train", **kw)
+    def make_progress(self, **kw) -> Progress:
+        return Progress(total=self.total_steps, initial=self.state.step, log_every=self.t["log_every"],
+                        enabled=self.info.is_main, **kw)
 
     def train_epoch(self) -> str | None:
         """The rest of the current epoch from the saved position (what ``fit`` runs per epoch)."""
@@ -436,16 +442,20 @@ class TrainRun:
             self.train_model, self.loaders.train, self.optimizer, self.amp, criterion=self.criterion,
             mixup=self.mixup, scheduler=self.scheduler, ema=self.ema, params=self.params, state=self.state,
             accum_steps=t["accum_steps"], device=self.device, channels_last=t["channels_last"],
-            ddp=self.ddp, ema_source=self.model, after_step=self.after_step)
+            ddp=self.ddp, ema_source=self.model, after_step=self.after_step,
+            peek=self.pictures.inputs if self.state.step == 0 else None)
 
     def fit(self) -> dict:
         t, state, failed = self.t, self.state, True
-        self.pbar = self.make_progress_bar()
+        started, first_step, train_s = time.perf_counter(), state.step, 0.0
+        self.progress = self.make_progress().__enter__()
         metrics: dict = {}
         try:
             stop = "done" if state.step >= self.total_steps else None
             while stop is None and state.epoch < self.epochs:
+                epoch_start = time.perf_counter()
                 stop = self.train_epoch()
+                train_s += time.perf_counter() - epoch_start
                 if stop == "preempted":
                     break
                 epoch_done = state.batch_in_epoch >= self.updates_per_epoch * t["accum_steps"]
@@ -462,8 +472,11 @@ class TrainRun:
                     if t["save_epoch_ckpts"] and epoch_done:
                         also += (f"epoch_{state.epoch}.pt",)
                     self.save("last.pt", also)
+                    self.pictures.validated()
                 elif epoch_done:
                     self.save("last.pt", (f"epoch_{state.epoch}.pt",) if t["save_epoch_ckpts"] else ())
+                if epoch_done or final:
+                    self.pictures.epoch_end(state.epoch, state.step, final)
                 if final:
                     stop = "done"
             if stop == "preempted":
@@ -482,12 +495,18 @@ class TrainRun:
             self.logger.summary({k: v for k, v in summary.items() if not isinstance(v, list)})
             if len(set(fingerprints)) != 1:
                 raise RuntimeError(f"weights differ across ranks at the end of training: {fingerprints}")
+            self.progress.__exit__(None, None, None)
+            if self.info.is_main:
+                images = (state.step - first_step) * self.derived["total_batch"]
+                log.info("%s", end_block(self, metrics, time.perf_counter() - started, train_s, images))
             failed = False
             return {**metrics, **summary, "run_dir": str(self.run_dir)}
         except TrainingPreempted:
             failed = False
             raise
         finally:
-            self.pbar.close()
+            self.progress.__exit__(None, None, None)
+            self.pictures.close()
+            self.uploader.close()
             self.logger.close(failed=failed)
             self.lock.release()
