@@ -306,7 +306,7 @@ def invert(arr, **__):
 
 
 def posterize(arr, bits_to_keep, **__):
-    # Pillow < 13 semantics, as data.transforms patches into timm: 0 bits -> black, >= 8 -> unchanged.
+    # Pillow < 13 semantics (data.transforms.posterize_any_pillow): 0 bits -> black, >= 8 -> unchanged.
     if bits_to_keep >= 8:
         return arr.copy()
     if bits_to_keep <= 0:

@@ -44,8 +44,10 @@ from timm.data.transforms import str_to_interp_mode
 
 from data.randaugment import fast_rand_augment, warm_up
 
+POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")  # timm auto_augment op names
 
-def _posterize_any_pillow(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
+
+def posterize_any_pillow(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
     """timm's posterize with Pillow < 13 semantics: RandAugment's PosterizeIncreasing reaches 0 bits at
     magnitude 10 (m9 + mstd 0.5 gets there), which Pillow 13 rejects; Pillow < 13 returned a black image."""
     if bits_to_keep >= 8:
@@ -55,8 +57,20 @@ def _posterize_any_pillow(img: Image.Image, bits_to_keep: int, **__) -> Image.Im
     return ImageOps.posterize(img, bits_to_keep)
 
 
-for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-    _auto_augment.NAME_TO_OP[_name] = _posterize_any_pillow
+def with_any_pillow_posterize(transform):
+    """Give the posterize ops of one timm auto-augment transform (``RandAugment``, ``AutoAugment``,
+    ``AugMixAugment``, or a ``Compose`` holding them) :func:`posterize_any_pillow`, so the recipe runs on
+    Pillow 13 as it did on Pillow < 13. Changes that transform's ops only, never timm's module-wide
+    ``NAME_TO_OP`` (other users of timm in the process keep timm's behaviour). Returns ``transform``."""
+    ops = []
+    for t in getattr(transform, "transforms", [transform]):
+        ops += getattr(t, "ops", [])
+        ops += [op for sub_policy in getattr(t, "policy", []) for op in sub_policy]
+    for op in ops:
+        if isinstance(op, _auto_augment.AugmentOp) and op.name in POSTERIZE_OPS:
+            op.aug_fn = posterize_any_pillow
+    return transform
+
 
 _NEAREST = TF.InterpolationMode.NEAREST
 _TORCH_MODES = {TF.InterpolationMode.BICUBIC: "bicubic", TF.InterpolationMode.BILINEAR: "bilinear", _NEAREST: "nearest"}
@@ -216,7 +230,7 @@ def timm_train_stages(aug_cfg, img_size: int):
         scale=_pair(_aug_get(aug_cfg, "scale", None), (0.08, 1.0)),
         ratio=_pair(_aug_get(aug_cfg, "ratio", None), (3 / 4, 4 / 3)),
         re_prob=0.0, use_prefetcher=True, separate=True)
-    return primary, secondary
+    return primary, with_any_pillow_posterize(secondary)
 
 
 class TrainSampleTransform:

@@ -38,10 +38,11 @@ def official_loader(root: str, size: int, batch: int, workers: int):
     import torchvision.datasets as tvd
     from timm.data import create_transform
 
-    import data.transforms  # noqa: F401  (the Pillow 13 posterize fix applies to timm's RandAugment too)
+    from data.transforms import with_any_pillow_posterize
 
     tf = create_transform(size, is_training=True, auto_augment=RECIPE["auto_augment"], color_jitter=0.4,
                           re_prob=0.25, re_mode="pixel", re_count=1, interpolation="bicubic")
+    with_any_pillow_posterize(tf)  # 0-bit posterize (magnitude 10) as on Pillow < 13, which the official code ran
     ds = tvd.ImageFolder(os.path.join(root, "train"), transform=tf)
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                        persistent_workers=workers > 0)

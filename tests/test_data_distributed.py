@@ -5,6 +5,8 @@ Labels identify samples: 10 classes, training holds one image of classes 0-7 and
 (every training class must hold images), validation one image per class. 12 training images, batch 2,
 2 ranks: the training sampler needs no padding, so the union over ranks must be every image exactly once;
 validation (10 images) must be covered exactly once without padding.
+
+ImageNet-22K's ``data.val_count`` hold-out is one fixed set of files for every run and rank.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import sys
 from collections import Counter
 
 import pytest
+from omegaconf import OmegaConf
 
+from data import build_loaders
 from data.imagegen import write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,3 +115,74 @@ def test_ffcv_two_ranks_cover_each_sample_once(unique_folder, tmp_path):
     cfg = dict(name="imagenet1k_ffcv", root=str(out), num_classes=10, img_size=32, batch_size=2, num_workers=1,
                train_path="train.beton", val_path="val.beton")
     check_exact_cover(run_ranks(cfg))
+
+
+HOLDOUT_SCRIPT = r"""
+import json, sys
+from data import build_loaders
+from omegaconf import OmegaConf
+cfg, rank, seed = OmegaConf.create(json.loads(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3])
+print("RESULT" + json.dumps(hold_out_view(build_loaders(cfg, None, rank=rank, world_size=2, seed=seed), cfg.root)))
+"""
+
+
+def hold_out_view(loaders, root: str) -> dict:
+    """Held-out files, training files and this rank's val shard, relative to the dataset root."""
+    rel = lambda p: os.path.relpath(p, root)  # noqa: E731
+    loaders.val.set_epoch(0)
+    return {"held_out": [rel(p) for p, _ in loaders.val.dataset.samples],
+            "train": [rel(p) for p, _ in loaders.train.dataset.samples],
+            "my_val": [rel(loaders.val.dataset.samples[i][0]) for i, _ in loaders.val.sampler]}
+
+
+def write_22k_folder(root, synsets: list[str], per_class: int, reverse: bool = False) -> None:
+    """Synset folders of tiny JPEGs; ``reverse`` creates folders and files in the opposite order (a different
+    directory listing order on most file systems)."""
+    from PIL import Image
+
+    order = [(s, k) for s in synsets for k in range(per_class)]
+    for s, k in reversed(order) if reverse else order:
+        os.makedirs(os.path.join(root, "train", s), exist_ok=True)
+        Image.new("RGB", (24, 20), (k * 30, len(s) * 7 % 255, 0)).save(os.path.join(root, "train", s, f"{s}_{k}.JPEG"))
+
+
+@pytest.mark.slow
+def test_imagenet22k_val_count_hold_out_is_the_same_for_every_run_and_rank(tmp_path):
+    """README "ImageNet-22K": data.val_count holds out a fixed set of training images. Two runs (other seeds,
+    another copy of the folder created in the opposite order, another hash seed) and both ranks of each hold out
+    the same files, which no rank trains on; the ranks' val shards cover the held-out set exactly once."""
+    from timm.data import ImageNetInfo
+
+    synsets = [ImageNetInfo("imagenet22k_ms").label_names()[i] for i in (0, 999, 1000, 21841)]
+    results = []
+    for name, reverse, seed in (("a", False, 1), ("b", True, 2)):
+        root = tmp_path / name
+        write_22k_folder(str(root), synsets, per_class=4, reverse=reverse)
+        cfg = dict(name="imagenet22k", root=str(root), num_classes=21842, img_size=16, batch_size=2, num_workers=0,
+                   val_count=5, label_layout="imagenet22k_ms", train_map=None, val_map=None, image_dir="",
+                   train_split="train", val_split="val", persistent_workers=False)
+        if name == "b":  # this process (another hash seed than the subprocesses), both ranks
+            results += [hold_out_view(build_loaders(OmegaConf.create(cfg), None, rank=rank, world_size=2, seed=seed),
+                                      cfg["root"]) for rank in (0, 1)]
+            continue
+        script = "from test_data_distributed import hold_out_view\n" + HOLDOUT_SCRIPT
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "1", "PYTHONPATH": os.path.join(ROOT, "tests")}
+        procs = [subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg), str(rank), str(seed)], cwd=ROOT,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for rank in (0, 1)]  # two real processes at once, as under torchrun
+        for p in procs:
+            out, err = p.communicate(timeout=400)
+            assert p.returncode == 0, err[-3000:]
+            results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[6:]))
+    held_out = sorted(results[0]["held_out"])
+    # The fixed choice (torch.randperm with data/folder.py's generator seed over the sorted file list); pinned so
+    # a change of it, which would move images between train and val of running experiments, fails here.
+    assert held_out == ["train/n00004475/n00004475_0.JPEG", "train/n00004475/n00004475_3.JPEG",
+                        "train/n01440764/n01440764_0.JPEG", "train/n15075141/n15075141_3.JPEG",
+                        "train/n15102894/n15102894_1.JPEG"]
+    for r in results:
+        assert sorted(r["held_out"]) == held_out and not set(r["train"]) & set(held_out)
+        assert len(r["train"]) == 16 - 5
+    for run in (results[:2], results[2:]):  # the two ranks of one run: disjoint shards, together the held-out set
+        assert not set(run[0]["my_val"]) & set(run[1]["my_val"])
+        assert sorted(run[0]["my_val"] + run[1]["my_val"]) == held_out
