@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
-DEBIAN_DEPS := pkg-config libturbojpeg0-dev libopencv-dev
+DEBIAN_DEPS := pkg-config libturbojpeg0-dev libopencv-dev curl
 PYTEST_ARGS ?= -m "not slow"
 export OMP_NUM_THREADS ?= 2
 
@@ -16,12 +16,13 @@ help: ## list the targets
 install: $(STAMP) ## create .venv and install this checkout (editable) with every extra; quick when nothing changed
 
 $(STAMP): pyproject.toml Makefile
-	@# FFCV builds from source and needs these Debian packages (installed only when missing and we are root).
+	@# FFCV builds from source and needs these Debian packages; webdataset reads http(s) shards with curl
+	@# (installed only when missing and we are root).
 	@missing=$$(for p in $(DEBIAN_DEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then echo "apt-get install $$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "Missing Debian packages for FFCV: $$missing (run as root or: sudo apt-get install $$missing)"; exit 1; fi; \
+	  else echo "Missing Debian packages (FFCV, curl): $$missing (run as root or: sudo apt-get install $$missing)"; exit 1; fi; \
 	fi
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
@@ -44,6 +45,7 @@ bench: install ## the model, training-loop and data benchmarks (tables with rati
 	$(BIN)/python scripts/bench_model.py
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_data.py
+	$(BIN)/python scripts/bench_pixels.py
 	$(BIN)/python scripts/bench_detectors.py
 
 demo: install ## train FocalNet-Micro on handwritten digits on the CPU (a few minutes)

@@ -2,8 +2,8 @@
 
 The one entry point the engine uses is :func:`build_loaders`; see :mod:`focalnet.data.loaders` for the contract.
 Importing this package also registers the OmegaConf resolver ``folder_num_classes`` that ``data=folder``
-uses to infer ``data.num_classes`` from the class folders under ``data.root`` (so import it before Hydra
-composes the config).
+uses to infer ``data.num_classes`` from the class folders under ``data.root``, and ``shards_num_classes``
+(``data=wds``: from the shards' index), so import it before Hydra composes the config.
 
 This is the repository's top-level ``data/`` folder; it is always imported as ``focalnet.data`` (installed
 there by pip; mapped there in a source checkout by :mod:`focalnet.layout`).
@@ -34,6 +34,9 @@ _BUILDERS: dict[str, str | Builder] = {
     "imagenet22k_ffcv": "focalnet.data.ffcv_loader:build_ffcv",
     "ffcv": "focalnet.data.ffcv_loader:build_ffcv",
     "digits_ffcv": "focalnet.data.digits:build_digits_ffcv",
+    "wds": "focalnet.data.shards:build_shards",
+    "imagenet1k_wds": "focalnet.data.shards:build_shards",
+    "imagenet22k_wds": "focalnet.data.shards:build_shards",
 }
 
 
@@ -68,6 +71,13 @@ def _folder_num_classes(root, split="train"):
     return count_classes(root, split)
 
 
+def _shards_num_classes(root, split="train"):
+    from focalnet.data.shards import written_num_classes
+
+    return written_num_classes(root, split)
+
+
 OmegaConf.register_new_resolver("folder_num_classes", _folder_num_classes, replace=True)
+OmegaConf.register_new_resolver("shards_num_classes", _shards_num_classes, replace=True)
 
 __all__ = ["EpochLoader", "Loaders", "build_loaders", "register_builder"]

@@ -8,8 +8,10 @@ after runs per sample in a process pool (``data.num_workers`` processes) with th
 code: RandomResizedCrop (timm's draws, torch's antialiased bicubic), flip, RandAugment, normalize and
 RandomErasing for training (:class:`focalnet.data.transforms.TrainSampleTransform` + :class:`BatchFinisher`);
 the official resize + center crop (PIL) for evaluation (:class:`focalnet.data.transforms.EvalSampleTransform`).
-For the same seed, a raw-pixel ``.beton`` gives the folder path's batches bit for bit
-(``tests/test_data_ffcv.py``); JPEG-stored images differ only by FFCV's fast-DCT decoder.
+For the same seed, a raw-pixel ``.beton`` of unresized images gives the folder path's batches bit for bit
+(``tests/test_data_ffcv.py``); JPEG-stored images were re-encoded by the writer and are decoded by FFCV's
+libjpeg-turbo call (1 grey level from PIL's decode of the same bytes on average), and images above
+``--max-resolution`` were shrunk by the writer (``scripts/bench_pixels.py`` measures each).
 
 Determinism and resume: the sample order is :class:`focalnet.data.loaders.ResumableDistributedSampler`'s (a
 function of seed and epoch, sharded over ranks, resumable at any batch), installed as FFCV's traversal

@@ -4,7 +4,9 @@ Each split becomes ``<split>.beton`` with fields ``image`` (RGBImageField, ``pro
 probability ``compress_probability``, raw pixels otherwise; longest side at most ``max_resolution``) and
 ``label`` (IntField), plus ``<split>.beton.json`` (counts, classes, settings). Unreadable images are stored as
 an 8x8 placeholder with label -1 (FFCV's writer cannot drop samples once started); the FFCV loaders skip them
-and report the count. FFCV is imported inside :func:`write_split`, so this module imports without it.
+and report the count. Images are decoded whole; ``jpeg_draft`` (``data.jpeg_draft``) lets JPEGs at least twice
+``max_resolution`` decode at 1/2..1/8 scale first (libjpeg's DCT-domain downscaling: faster, other pixels). FFCV is
+imported inside :func:`write_split`, so this module imports without it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ log = logging.getLogger(__name__)
 class BetonSource:
     """Indexable (image HxWx3 uint8, label) source for FFCV's DatasetWriter; never raises on bad files."""
 
-    def __init__(self, samples, max_resolution: int | None):
-        self.samples, self.max_resolution = samples, max_resolution
+    def __init__(self, samples, max_resolution: int | None, jpeg_draft: bool = False):
+        self.samples, self.max_resolution, self.jpeg_draft = samples, max_resolution, jpeg_draft
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -37,8 +39,9 @@ class BetonSource:
             img = open_image(path)
             w, h = img.size
             draft = None
-            if self.max_resolution and max(w, h) >= 2 * self.max_resolution:
-                # Let libjpeg decode at 1/2..1/8 scale when the stored size is that small anyway.
+            if self.jpeg_draft and self.max_resolution and max(w, h) >= 2 * self.max_resolution:
+                # data.jpeg_draft: let libjpeg decode at 1/2..1/8 scale when the stored size is that small anyway
+                # (faster; other pixels than FFCV's resize of the full decode).
                 s = self.max_resolution / max(w, h)
                 draft = (math.ceil(w * s), math.ceil(h * s))
             return np.asarray(decode_rgb(img, draft), dtype=np.uint8), label
@@ -49,7 +52,8 @@ class BetonSource:
 
 
 def write_split(samples, out_path: str, *, num_classes: int, max_resolution: int | None, jpeg_quality: int,
-                compress_probability: float, num_workers: int, chunk_size: int, source: str) -> dict:
+                compress_probability: float, num_workers: int, chunk_size: int, source: str,
+                jpeg_draft: bool = False) -> dict:
     """Write ``samples`` to ``out_path`` (+ ``.json`` metadata, returned)."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
@@ -64,7 +68,7 @@ def write_split(samples, out_path: str, *, num_classes: int, max_resolution: int
     start = time.time()
     # FFCV shows a tqdm progress bar while its worker processes encode.
     DatasetWriter(out_path, fields, num_workers=num_workers).from_indexed_dataset(
-        BetonSource(samples, max_resolution), chunksize=chunk_size)
+        BetonSource(samples, max_resolution, jpeg_draft), chunksize=chunk_size)
     reader = Reader(out_path)
     labels = reader.metadata[f"f{list(reader.handlers).index('label')}"]
     meta = {

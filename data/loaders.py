@@ -102,6 +102,10 @@ class ResumableDistributedSampler(Sampler):
         self.seed, self.shuffle, self.train = seed, shuffle, train
         self.epoch, self.start_batch = 0, 0
 
+    @classmethod
+    def for_dataset(cls, dataset, **kwargs) -> ResumableDistributedSampler:
+        return cls(len(dataset), **kwargs)
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
@@ -134,17 +138,18 @@ class ResumableDistributedSampler(Sampler):
 
 
 class EpochLoader:
-    """A ``torch.utils.data.DataLoader`` over a map-style dataset taking ``(index, seed)`` keys."""
+    """A ``torch.utils.data.DataLoader`` over a map-style dataset taking ``(index, seed)`` keys, in the order of
+    ``sampler`` (a :class:`ResumableDistributedSampler`, by default over ``range(len(dataset))``)."""
 
-    def __init__(self, dataset: Dataset, *, batch_size: int, rank: int, world_size: int, seed: int,
-                 train: bool, num_workers: int = 0, pin_memory: bool = False, collate_fn=None,
-                 persistent_workers: bool = False):
+    def __init__(self, dataset: Dataset, *, sampler: ResumableDistributedSampler | None = None,
+                 batch_size: int | None = None, rank: int = 0, world_size: int = 1, seed: int, train: bool = True,
+                 num_workers: int = 0, pin_memory: bool = False, collate_fn=None, persistent_workers: bool = False):
         self.dataset = dataset
-        self.sampler = ResumableDistributedSampler(
+        self.sampler = sampler if sampler is not None else ResumableDistributedSampler(
             len(dataset), batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
             shuffle=train, train=train)
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+            dataset, batch_size=self.sampler.batch_size, sampler=self.sampler, num_workers=num_workers,
             drop_last=False, pin_memory=pin_memory, collate_fn=collate_fn,
             persistent_workers=persistent_workers and num_workers > 0, worker_init_fn=leave_shutdown_to_parent,
             # A private generator: starting an iterator draws a worker base seed, which must not consume

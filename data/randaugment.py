@@ -306,7 +306,7 @@ def invert(arr, **__):
 
 
 def posterize(arr, bits_to_keep, **__):
-    # Pillow < 13 semantics, as data.transforms gives timm's posterize ops: 0 bits -> black, >= 8 -> unchanged.
+    # Pillow < 13 semantics (focalnet.data.transforms.posterize_any_pillow): 0 bits -> black, >= 8 -> unchanged.
     if bits_to_keep >= 8:
         return arr.copy()
     if bits_to_keep <= 0:

@@ -8,9 +8,11 @@ RandomErasing. We keep timm's objects for every random decision and split the wo
 1. ``TrainSampleTransform`` (per sample, in a loader worker): robust decode, RandomResizedCrop, flip and
    RandAugment, giving a ``uint8`` (3, H, W) tensor. The crop is resized by torch's native antialiased
    ``uint8`` bicubic kernel on a channels-last view (about 2x faster than PIL's here, same filter, within
-   a grey level or two) after libjpeg DCT-domain downscaling (PIL ``draft``) whenever the crop is at
-   least twice the output size. The FFCV path decodes in FFCV and runs ``crop_array`` (the same draws
-   and resize on the decoded full-resolution pixels) and ``augment_array`` (flip + RandAugment) here.
+   a grey level or two). With ``data.jpeg_draft=true``, libjpeg first downscales in the DCT domain (PIL
+   ``draft``) whenever the crop is at least twice the output size: faster on large JPEGs, but not the same
+   pixels as a full decode (see the README). The FFCV path decodes in FFCV and runs ``crop_array`` (the
+   same draws and resize on the decoded full-resolution pixels) and ``augment_array`` (flip + RandAugment).
+   ``EvalSampleTransform`` is the official eval transform exactly (full decode, PIL resize + center crop).
 2. ``BatchFinisher`` (per sample, where the batch is assembled: the DataLoader worker's collate function
    :class:`FinishingCollate`, or the FFCV path's augmentation processes): normalize, then timm
    ``RandomErasing``. The main process receives finished float batches.
@@ -43,8 +45,10 @@ from timm.data.transforms import str_to_interp_mode
 from focalnet.data.randaugment import fast_rand_augment, warm_up
 from focalnet.schema import AugConfig, parse
 
+POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")  # timm auto_augment op names
 
-def _posterize_pre_pillow13(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
+
+def posterize_any_pillow(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
     """timm's posterize with Pillow < 13 semantics: RandAugment's PosterizeIncreasing reaches 0 bits at
     magnitude 10 (m9 + mstd 0.5 gets there), which Pillow 13 rejects; Pillow < 13 returned a black image."""
     if bits_to_keep >= 8:
@@ -54,21 +58,19 @@ def _posterize_pre_pillow13(img: Image.Image, bits_to_keep: int, **__) -> Image.
     return ImageOps.posterize(img, bits_to_keep)
 
 
-_POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
-
-
-def use_pre_pillow13_posterize(transform):
+def with_any_pillow_posterize(transform):
     """Give the posterize ops inside ``transform`` (a timm ``AugmentOp``, ``RandAugment``, ``AutoAugment``,
-    ``AugMixAugment`` or a ``Compose`` of them) Pillow < 13 semantics, on these objects only (timm's op table is
-    left alone); returns ``transform``."""
+    ``AugMixAugment`` or a ``Compose`` of them) :func:`posterize_any_pillow`, so the recipe runs on Pillow 13 as it
+    did on Pillow < 13. Changes these objects only, never timm's module-wide ``NAME_TO_OP`` (other users of timm in
+    the process keep timm's behaviour). Returns ``transform``."""
     if isinstance(transform, _auto_augment.AugmentOp):
-        if transform.name in _POSTERIZE_OPS:
-            transform.aug_fn = _posterize_pre_pillow13
+        if transform.name in POSTERIZE_OPS:
+            transform.aug_fn = posterize_any_pillow
         return transform
     children = [*getattr(transform, "transforms", ()), *getattr(transform, "ops", ()),
                 *(op for sub in getattr(transform, "policy", ()) for op in sub)]  # AutoAugment: lists of ops
     for child in children:
-        use_pre_pillow13_posterize(child)
+        with_any_pillow_posterize(child)
     return transform
 
 
@@ -150,6 +152,8 @@ def open_image(path_or_bytes, max_file_bytes: int = MAX_FILE_BYTES,
     try:
         if isinstance(path_or_bytes, bytes | bytearray | memoryview):
             data = bytes(path_or_bytes)
+            if len(data) > max_file_bytes:  # a sample of a shard: the same limit as for a file
+                raise BadImage(f"image of {len(data) / 2**20:.0f} MiB is over data.max_file_mb={max_file_bytes >> 20}")
         else:
             size = os.stat(path_or_bytes).st_size
             if size > max_file_bytes:
@@ -212,17 +216,20 @@ def timm_train_stages(aug: AugConfig, img_size: int):
         img_size, is_training=True, auto_augment=aug.auto_augment or None, color_jitter=aug.color_jitter or None,
         interpolation=aug.interpolation, hflip=aug.hflip, scale=aug.scale, ratio=aug.ratio,
         re_prob=0.0, use_prefetcher=True, separate=True)
-    return primary, use_pre_pillow13_posterize(secondary)
+    return primary, with_any_pillow_posterize(secondary)
 
 
 class TrainSampleTransform:
-    """Opened image -> uint8 (3, S, S): RandomResizedCrop (+draft), flip, RandAugment. Call under ``seeded``.
+    """Opened image -> uint8 (3, S, S): RandomResizedCrop, flip, RandAugment. Call under ``seeded``.
 
     ``aug.scale: null`` replaces the random crop by the eval geometry (resize + center crop, ``aug.test_crop``),
     as ``aug=none`` asks: training then sees what evaluation sees, plus whatever flip/RandAugment is set.
+    ``jpeg_draft`` (``data.jpeg_draft``): decode JPEGs at 1/2..1/8 scale when the crop is that much larger
+    than the output (libjpeg's DCT-domain downscaling, PIL ``draft``).
     """
 
-    def __init__(self, aug_cfg, img_size: int):
+    def __init__(self, aug_cfg, img_size: int, jpeg_draft: bool = False):
+        self.jpeg_draft = bool(jpeg_draft)
         aug = parse(AugConfig, aug_cfg, "aug")
         primary, secondary = timm_train_stages(aug, img_size)
         self.rrc = primary.transforms[0]          # timm RandomResizedCropAndInterpolation
@@ -233,7 +240,7 @@ class TrainSampleTransform:
         if aug.scale is None:
             self.rrc = None
             self.center = EvalSampleTransform(img_size, aug.test_crop, aug.interpolation)
-        # timm's RandAugment alone (the recipe): run it on arrays with the same draws (data.randaugment).
+        # timm's RandAugment alone (the recipe): run it on arrays with the same draws (focalnet.data.randaugment).
         ops = secondary.transforms
         self.array_augment = None
         if len(ops) == 1 and isinstance(ops[0], _auto_augment.RandAugment):
@@ -257,7 +264,7 @@ class TrainSampleTransform:
         full_w, full_h = img.size
         out_h, out_w = self.size
         reduce = 1
-        while reduce < 8 and h >= 2 * reduce * out_h and w >= 2 * reduce * out_w:
+        while self.jpeg_draft and reduce < 8 and h >= 2 * reduce * out_h and w >= 2 * reduce * out_w:
             reduce *= 2
         pixels = _decode_jpeg_rgb(img) if reduce == 1 else None
         if pixels is not None:
@@ -352,11 +359,13 @@ def _identity(arr: np.ndarray) -> np.ndarray:
 
 
 class EvalSampleTransform:
-    """Opened image -> uint8 (3, S, S), the official eval transform.
+    """Opened image -> uint8 (3, S, S), the official eval transform, pixel for pixel.
 
     ``test_crop=True``: resize the short side to ``int(256 / 224 * S)`` then center-crop S (the
     official ``TEST.CROP``); ``test_crop=False`` (384 fine-tunes): resize straight to (S, S).
-    PIL resizes as the official code does; ``draft`` only skips DCT work the resize would discard.
+    PIL decodes the whole image and resizes it as the official code (torchvision's ``Resize`` on PIL) does.
+    No JPEG ``draft`` here: libjpeg's DCT-domain downscaling is a different filter (up to ~45 grey levels
+    off on a 200x150 JPEG evaluated at 32 px), and evaluation must reproduce the official numbers.
     """
 
     def __init__(self, img_size: int, test_crop: bool = True, interpolation: str = "bicubic"):
@@ -365,13 +374,7 @@ class EvalSampleTransform:
         self.resize_to = int(256 / 224 * self.size)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        w, h = img.size
-        if self.test_crop:
-            short = min(w, h)
-            need = (math.ceil(w * self.resize_to / short), math.ceil(h * self.resize_to / short))
-        else:
-            need = (self.size, self.size)
-        rgb = decode_rgb(img, need)
+        rgb = decode_rgb(img)
         if self.test_crop:
             rgb = TF.center_crop(TF.resize(rgb, self.resize_to, interpolation=self.interp), [self.size])
         else:

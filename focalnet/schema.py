@@ -92,8 +92,8 @@ class _Splits:
 
 
 @dataclass(kw_only=True, frozen=True)
-class ImageFolderData(_Splits, DataConfig):
-    """``data=imagenet1k|folder``: ``${data.root}/${data.train_split}/<class>/<image>`` (and the val split)."""
+class _ImageFiles:
+    """Keys of the pipelines that decode image files (folders, shards)."""
 
     persistent_workers: bool = True
     max_file_mb: int = value(256, ge=1)               # larger files are skipped and counted without being read
@@ -102,7 +102,21 @@ class ImageFolderData(_Splits, DataConfig):
 
 
 @dataclass(kw_only=True, frozen=True)
-class FolderData(ImageFolderData):
+class ImageFolderData(_ImageFiles, _Splits, DataConfig):
+    """An ImageFolder: ``${data.root}/${data.train_split}/<class>/<image>`` (and the val split)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class PhotoFolderData(ImageFolderData):
+    """``data=imagenet1k|folder``: an ImageFolder of photos, typically large JPEGs (not ``data=digits``)."""
+
+    # true: decode large JPEGs at 1/2..1/8 scale for training crops (libjpeg's DCT-domain downscaling, PIL draft:
+    # faster, but other pixels than a full decode; see the README)
+    jpeg_draft: bool = False
+
+
+@dataclass(kw_only=True, frozen=True)
+class FolderData(PhotoFolderData):
     """``data=folder``: any ImageFolder; ``num_classes`` is the number of class folders (conf/data/folder.yaml
     infers it; null, e.g. from Python, takes it from the folders)."""
 
@@ -110,13 +124,15 @@ class FolderData(ImageFolderData):
 
 
 @dataclass(kw_only=True, frozen=True)
-class ImageNet22kData(ImageFolderData):
+class ImageNet22kData(PhotoFolderData):
     """``data=imagenet22k``: synset folders or Swin/FocalNet map files, FocalNet's 21842-way label layout."""
 
     label_layout: Literal["imagenet22k_ms", "imagenet22k", "sorted"] = "imagenet22k_ms"
     train_map: str | None = None                      # `relative/path<TAB>label` lines, e.g. ..._map_train.txt
     val_map: str | None = None
     image_dir: str = value("", empty=True)            # map-file paths are relative to ${data.root}/${data.image_dir}
+    # wnid: each label is the synset in the path, placed by label_layout | file: the file's labels as written
+    map_labels: Literal["wnid", "file"] = "wnid"
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -159,11 +175,33 @@ class SyntheticData(DataConfig):
     signal: float = value(1.0, ge=0)                  # class pattern strength against unit noise
 
 
+@dataclass(kw_only=True, frozen=True)
+class ShardData(_ImageFiles, DataConfig):
+    """``data=wds|imagenet1k_wds|imagenet22k_wds``: webdataset tar shards written by scripts/write_shards.py, in
+    a directory or behind a URL (``focalnet.data.shards``)."""
+
+    train_split: str = "train"                        # reads <root>/<split>.json + <split>.idx.npy
+    #                                                   (streaming: also a brace pattern of shards)
+    val_split: str = "val"
+    # indexed: exact epochs and resume (random access by the index) | streaming: front to back, shuffle buffer
+    mode: Literal["indexed", "streaming"] = "indexed"
+    # indexed: global (a permutation of the split) | shards (a few shards at a time) | auto (global for local roots)
+    shuffle: Literal["auto", "global", "shards"] = "auto"
+    shuffle_window: int = value(4, ge=1)              # shuffle=shards: shards whose samples are shuffled together
+    cache_dir: str | None = None                      # URL roots: where shards are fetched
+    #                                                   (null: ${FOCALNET_CACHE:-~/.cache/focalnet}/shards/<hash>)
+    cache_limit_gb: float | None = value(None, gt=0)  # URL roots: keep at most this much in cache_dir
+    shuffle_buffer: int = value(10000, ge=1)          # streaming: samples in webdataset's shuffle buffer
+    train_size: int | None = value(None, ge=1)        # streaming from a brace pattern without an index:
+    val_size: int | None = value(None, ge=1)          # samples per epoch of each split
+
+
 # data.name -> its keys (conf/data/<option>.yaml sets data.name; focalnet.data.build_loaders has the builders)
 DATA_SCHEMAS: dict[str, type[DataConfig]] = {
-    "imagenet1k": ImageFolderData, "folder": FolderData, "imagenet22k": ImageNet22kData,
+    "imagenet1k": PhotoFolderData, "folder": FolderData, "imagenet22k": ImageNet22kData,
     "imagenet1k_ffcv": FFCVData, "imagenet22k_ffcv": FFCVData, "ffcv": FFCVData,
     "digits": DigitsData, "digits_ffcv": DigitsFFCVData, "synthetic": SyntheticData,
+    "wds": ShardData, "imagenet1k_wds": ShardData, "imagenet22k_wds": ShardData,
 }
 
 
@@ -209,6 +247,9 @@ class ScheduleConfig:
     min_lr: float = value(5.0e-6, ge=0)
     decay_epochs: float = value(30, gt=0)             # step only
     decay_rate: float = value(0.1, gt=0)              # step only
+    # true: warmup is a prefix (the cosine spans only the steps after it; step decays count from its end), as
+    # Swin's later WARMUP_PREFIX; false: the official FocalNet curve (microsoft/FocalNet @9253a7f lr_scheduler.py)
+    warmup_prefix: bool = False
 
 
 # ---- augmentation -------------------------------------------------------------------------------------------------
@@ -344,7 +385,7 @@ class EvalOptions:
 
     checkpoint: str | bool | None = None              # a weight SOURCE: our .pt, an official .pth, timm/transformers
     #                                                   files, hf-hub:ORG/REPO, a URL, or true/a tag with model=NAME
-    weights: Literal["auto", "model", "ema"] = "auto"  # auto: the `model` entry, else a bare state dict
+    weights: Literal["auto", "model", "ema"] = "auto"  # auto: the `model` entry, else the file's one weights entry
     mode: Literal["accuracy", "throughput"] = "accuracy"
     eval_set: EvalSetName = "val"                         # val: data.val_split as the data config builds it
     eval_root: str | None = None                      # folder of class folders for v2/a/r (real: the val split)
@@ -421,9 +462,9 @@ class DetectConfig:
 STORED: dict[str, type] = {
     "model": ModelConfig, "optimizer": OptimizerConfig, "optimizer_sgd": SGDConfig, "schedule": ScheduleConfig,
     "aug": AugConfig, "trainer": TrainerConfig, "logger": LoggerConfig, "paths": PathsConfig,
-    "eval": EvalOptions, "data_image_folder": ImageFolderData, "data_imagenet22k": ImageNet22kData,
+    "eval": EvalOptions, "data_image_folder": PhotoFolderData, "data_imagenet22k": ImageNet22kData,
     "data_ffcv": FFCVData, "data_digits": DigitsData, "data_digits_ffcv": DigitsFFCVData,
-    "data_synthetic": SyntheticData,
+    "data_synthetic": SyntheticData, "data_wds": ShardData,
 }
 _BY_NAME: dict[type, dict[str, type]] = {DataConfig: DATA_SCHEMAS, OptimizerConfig: OPTIMIZER_SCHEMAS}
 

@@ -1,12 +1,13 @@
 """Train-pipeline throughput: (a) official-style torchvision ImageFolder + timm transform, (b) our folder
-path, (c) our FFCV path — all with the full FocalNet recipe (RandomResizedCrop 224 bicubic, flip,
-RandAugment rand-m9-mstd0.5-inc1, normalize, RandomErasing 0.25 pixel), in one invocation.
+path, (c) our FFCV path, (d) our webdataset shard path — all with the full FocalNet recipe (RandomResizedCrop
+224 bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, normalize, RandomErasing 0.25 pixel), in one invocation.
 
     python scripts/bench_data.py                       # generates ~500x375 q90 JPEGs in a temp dir
     python scripts/bench_data.py --images 2000 --workers 1,2 --dir /tmp/bench_jpegs
 
 Prints images/s in total and per loader worker, and each path's ratio to (a) with the same number of
-workers (targets: FFCV >= 2.5x, folder >= 1.3x). Numbers are only comparable within one invocation.
+workers (targets: FFCV >= 2.5x, folder >= 1.3x; shards >= the folder path, whose images they hold byte for
+byte). Numbers are only comparable within one invocation.
 Mixup/CutMix is excluded everywhere: the engine applies it to batches, identically for every path.
 """
 
@@ -37,11 +38,11 @@ def official_loader(root: str, size: int, batch: int, workers: int):
     import torchvision.datasets as tvd
     from timm.data import create_transform
 
-    from focalnet.data.transforms import use_pre_pillow13_posterize
+    from focalnet.data.transforms import with_any_pillow_posterize
 
     tf = create_transform(size, is_training=True, auto_augment=RECIPE["auto_augment"], color_jitter=0.4,
                           re_prob=0.25, re_mode="pixel", re_count=1, interpolation="bicubic")
-    use_pre_pillow13_posterize(tf)  # Pillow 13 rejects 0-bit posterize (RandAugment m10): the pipeline's fix too
+    with_any_pillow_posterize(tf)  # 0-bit posterize (magnitude 10) as on Pillow < 13, which the official code ran
     ds = tvd.ImageFolder(os.path.join(root, "train"), transform=tf)
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                        persistent_workers=workers > 0)
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-resolution", type=int, default=512, help="FFCV: longest side stored")
     p.add_argument("--compress-probability", type=float, default=0.5, help="FFCV proportion mode")
     p.add_argument("--skip-ffcv", action="store_true")
+    p.add_argument("--skip-shards", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -114,6 +116,13 @@ def main(argv=None) -> int:
                     str(args.max_resolution), "--compress-probability", str(args.compress_probability),
                     "--num-workers", "2"])
 
+    shard_dir = os.path.join(root, "wds")
+    if not args.skip_shards and not os.path.isfile(os.path.join(shard_dir, "train.json")):
+        from scripts.write_shards import main as write_shards
+
+        write_shards(["data=folder", f"data.root={root}", "--out", shard_dir, "--shard-size", "100MB",
+                      "--num-workers", "2"])
+
     rows = []
     for workers in [int(w) for w in args.workers.split(",")]:
         common = dict(root=root, num_classes=args.classes, img_size=args.img_size, batch_size=args.batch_size,
@@ -127,7 +136,10 @@ def main(argv=None) -> int:
         if not args.skip_ffcv:
             paths["(c) ours: data=imagenet1k_ffcv"] = lambda c=common: (
                 build_loaders({**c, "name": "imagenet1k_ffcv", "root": ffcv_dir}, aug).train, True)
-        # Build all three, then alternate epochs between them (load on a shared machine drifts) and keep
+        if not args.skip_shards:
+            paths["(d) ours: data=imagenet1k_wds"] = lambda c=common: (build_loaders(
+                {**c, "name": "imagenet1k_wds", "root": shard_dir, "shuffle": "global"}, aug).train, True)
+        # Build all paths, then alternate epochs between them (load on a shared machine drifts) and keep
         # each path's best epoch: the least disturbed measurement of each.
         loaders = {name: make() for name, make in paths.items()}
         best = dict.fromkeys(loaders, 0.0)
@@ -157,6 +169,12 @@ def main(argv=None) -> int:
     for workers, name, rate, per, ratio, cpu_ms_img, cpu_ratio in rows:
         print(f"| {workers} | {name} | {rate:.0f} | {per:.0f} | {ratio:.2f}x | {cpu_ms_img:.2f} | "
               f"{1000 / cpu_ms_img:.0f} | {cpu_ratio:.2f}x |")
+    by = {(r[0], r[1][:3]): r for r in rows}
+    for workers in sorted({r[0] for r in rows}):
+        d, b = by.get((workers, "(d)")), by.get((workers, "(b)"))
+        if d and b:  # the shard path holds the folder's images byte for byte: its target is the folder path
+            print(f"\nworkers={workers}: shards (d) vs folder (b): img/s {d[2] / b[2]:.2f}x, "
+                  f"CPU-ms/img {b[5] / d[5]:.2f}x (> 1: the shards are faster / cheaper)")
     return 0
 
 

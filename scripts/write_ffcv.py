@@ -7,7 +7,9 @@ The positional arguments are Hydra overrides composed with the training config, 
 and key (map files, label layout, ``data.val_count`` hold-out, ...) works as in training. Each split
 becomes ``<out-dir>/<split>.beton`` (+ ``.json``), written by :mod:`focalnet.data.ffcv_writer`: JPEG with
 probability ``--compress-probability``, raw pixels otherwise, longest side at most ``--max-resolution``;
-unreadable images are stored with label -1, skipped by the loaders and counted.
+unreadable images are stored with label -1, skipped by the loaders and counted. Images are decoded whole;
+``data.jpeg_draft=true`` lets JPEGs at least twice ``--max-resolution`` decode at 1/2..1/8 scale first
+(libjpeg's DCT-domain downscaling: faster, other pixels).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = write_split(by_split[split], out, num_classes=num_classes,
                            max_resolution=args.max_resolution or None, jpeg_quality=args.jpeg_quality,
                            compress_probability=args.compress_probability, num_workers=args.num_workers,
-                           chunk_size=args.chunk_size, source=f"data={data_cfg.name} root={data_cfg.root}")
+                           chunk_size=args.chunk_size, source=f"data={data_cfg.name} root={data_cfg.root}",
+                           jpeg_draft=bool(data_cfg.get("jpeg_draft", False)))
         log.info("%s: %d samples, %d skipped (unreadable), %.1f MB in %.1f s", out, meta["num_samples"],
                  meta["skipped_images"], meta["bytes"] / 1e6, meta["seconds"])
     return 0

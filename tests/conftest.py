@@ -36,6 +36,20 @@ def _grad_mode_enabled():
     yield
 
 
+def read_state_dict_layout(path: str | Path) -> list[tuple]:
+    """A state-dict layout fixture dumped from an official code base (``name dtype shape`` per line, in order;
+    ``#`` lines say where it comes from): [(name, dtype, shape)]."""
+    import torch
+
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#"):
+            continue
+        name, dtype, shape = line.split()
+        rows.append((name, getattr(torch, dtype), tuple(int(s) for s in shape.split("x") if s)))
+    return rows
+
+
 def compose_config(overrides=(), run_dir: str | Path | None = None):
     from focalnet.engine.distributed import register_resolvers
 
@@ -45,6 +59,18 @@ def compose_config(overrides=(), run_dir: str | Path | None = None):
     if run_dir is not None:
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+def compose_eval(overrides, run_dir: str | Path):
+    """conf/eval.yaml composed like eval.py does, with the run directory set (no Hydra run)."""
+    from focalnet.engine.distributed import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
     return cfg
 
 
@@ -64,6 +90,26 @@ def train_env(**extra) -> dict:
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
                HYDRA_FULL_ERROR="1", **extra)
     return env
+
+
+def wait_parked(proc: subprocess.Popen, marker: Path, ranks: int = 1, *, log: Path | None = None,
+                timeout: float = 600) -> list[int]:
+    """Wait until every rank of a run started with ``FOCALNET_PAUSE_AT_STEP`` / ``FOCALNET_PAUSE_FILE=marker`` is
+    parked after its update (rank r writes ``marker.rank<r>`` holding its pid); return the pids. The files are
+    removed, so waiting again waits for a restarted rank's own file. Fails if the process ends first."""
+    import time
+
+    files = [Path(f"{marker}.rank{r}") for r in range(ranks)]
+    deadline = time.time() + timeout
+    while not all(f.exists() for f in files):
+        output = log.read_text()[-5000:] if log is not None and log.exists() else ""
+        assert proc.poll() is None, f"exited with {proc.returncode} before every rank parked:\n{output}"
+        assert time.time() < deadline, f"no rank parked within {timeout} s:\n{output}"
+        time.sleep(0.05)
+    pids = [int(f.read_text()) for f in files]
+    for f in files:
+        f.unlink()
+    return pids
 
 
 def run_train(args, *, env=None, timeout=600, tiny=True, launcher=(PYTHON,), flags=(), **popen):
@@ -94,18 +140,22 @@ def wandb_run_record(run_dir: Path) -> dict:
 
 
 def start_paused_at(step: int, args: list[str], marker: Path, *, env: dict | None = None, tiny: bool = True,
-                    timeout: float = 600) -> subprocess.Popen:
+                    timeout: float = 600, log: Path | None = None) -> subprocess.Popen:
     """Start ``train.py`` so that it parks after update ``step`` (the FOCALNET_PAUSE_AT_STEP test hook) and return
-    once it is parked: a kill or signal then lands at exactly that step, however loaded the machine is."""
-    import time
-
+    once it is parked (:func:`wait_parked`): a kill or signal then lands at exactly that step, however loaded the
+    machine is. Output goes to ``log`` when given (a file: nothing must read it while the run is parked); else
+    stdout is dropped and stderr is a pipe for the caller's ``communicate()`` after the stop."""
     cmd = [PYTHON, str(ROOT / "train.py"), *(TINY if tiny else []), *args]
     env = {**(env or train_env()), "FOCALNET_PAUSE_AT_STEP": str(step), "FOCALNET_PAUSE_FILE": str(marker)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if Path(f"{marker}.rank0").exists():
-            return proc
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"run never reached step {step}: {proc.stderr.read()[-3000:]}")
+    if log is None:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    else:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_parked(proc, marker, log=log, timeout=timeout)
+    except AssertionError as e:
+        proc.kill()
+        err = proc.communicate()[1] if log is None else ""
+        raise AssertionError(f"run never reached step {step}: {e}\n{err[-3000:]}") from None
+    return proc

@@ -45,12 +45,12 @@ def test_cosine_schedule_shorter_than_warmup_says_so_in_one_line(caplog):
     caplog.set_level(logging.WARNING)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     cfg = {"name": "cosine", "warmup_epochs": 5}
-    build_scheduler(opt, cfg, total_steps=4, steps_per_epoch=2, warmup_lr=1e-4, min_lr=1e-5)
+    build_scheduler(opt, cfg, total_steps=4, batches_per_epoch=2, accum_steps=1, warmup_lr=1e-4, min_lr=1e-5)
     (record,) = caplog.records  # ours, and not timm's "Cosine annealing scheduler will have no effect ..."
     assert record.name == "focalnet.engine.build"
     assert "4 of the run's 4 updates are warmup (schedule.warmup_epochs=5)" in record.getMessage()
     caplog.clear()
-    build_scheduler(opt, cfg, total_steps=100, steps_per_epoch=2, warmup_lr=1e-4, min_lr=1e-5)
+    build_scheduler(opt, cfg, total_steps=100, batches_per_epoch=2, accum_steps=1, warmup_lr=1e-4, min_lr=1e-5)
     assert not caplog.records  # a schedule that decays: nothing to say
 
 

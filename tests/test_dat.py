@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_train
+from conftest import ROOT, read_state_dict_layout, run_train
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -39,16 +39,6 @@ def count_gmacs(model: torch.nn.Module, img_size: int, formulas: dict | None = N
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=formulas or {}) as counter:
         model(torch.randn(1, 3, img_size, img_size))
     return counter.get_total_flops() / 2e9
-
-
-def read_official_layout() -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    rows = []
-    for line in FIXTURE.read_text().splitlines():
-        if line.startswith("#"):
-            continue
-        name, dtype, shape = line.split()
-        rows.append((name, getattr(torch, dtype), tuple(int(s) for s in shape.split("x"))))
-    return rows
 
 
 # ---- sizes -------------------------------------------------------------------------------------------------
@@ -98,7 +88,7 @@ def test_sizes_that_windows_cannot_tile_fail_with_the_fix():
 
 
 def test_state_dict_in_the_official_layout_loads_strictly(tmp_path):
-    layout = read_official_layout()
+    layout = read_state_dict_layout(FIXTURE)
     ours = focalnet.create_model("dat_tiny")
     assert [(k, v.dtype, tuple(v.shape)) for k, v in ours.state_dict().items()] == layout
     # Hand-checked against models/dat.py + dat_blocks.py @566a593: stem, LayerNormProxy's `.norm`, the

@@ -18,6 +18,8 @@ import pytest
 import torch
 from conftest import PYTHON, ROOT, compose_config, train_env
 from PIL import Image
+from sklearn.datasets import load_digits
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from focalnet.data.digits import DataConfigError, materialize, read_meta, split_indices
 
@@ -41,7 +43,6 @@ def test_digits_folder_layout_split_and_images(digits_root, tmp_path):
     assert not {f.split("/")[-1] for f in train} & {f.split("/")[-1] for f in val}  # disjoint by sample index
     assert sorted(os.listdir(digits_root / "val")) == [str(c) for c in range(10)]
     per_class = [len(os.listdir(digits_root / "val" / str(c))) for c in range(10)]
-    assert min(per_class) >= 34 and max(per_class) <= 37  # 20% of each class (174..183 images per class)
     meta = read_meta(str(digits_root))
     assert meta["counts"] == {"train": 1438, "val": 359} and meta["store_size"] == 16
 
@@ -53,8 +54,15 @@ def test_digits_folder_layout_split_and_images(digits_root, tmp_path):
     # The split is fixed: the same files on another machine / another cache directory.
     other = Path(materialize(tmp_path / "again", store_size=16))
     assert files(other, "val") == val and files(other, "train") == train
-    labels = np.repeat(np.arange(10), 5)
-    assert (split_indices(labels, 0.2) == split_indices(labels, 0.2)).all() and split_indices(labels, 0.2).sum() == 10
+    # ... and it is this split: 20% of every class of scikit-learn's digits (rounded), each file in the folder
+    # of its sklearn label, named by its sklearn index; the first and last val indices pinned.
+    target = load_digits().target
+    val_index = sorted(int(f.split("/")[-1][:-4]) for f in val)
+    assert per_class == [round(0.2 * n) for n in np.bincount(target)] == [36, 36, 35, 37, 36, 36, 36, 36, 35, 36]
+    assert all(f == f"val/{target[int(f.split('/')[-1][:-4])]}/{f.split('/')[-1]}" for f in val)
+    assert val_index[:6] == [3, 8, 10, 12, 16, 30] and val_index[-3:] == [1790, 1791, 1795]
+    labels = np.repeat(np.arange(10), 5)  # one of every five per class, at fixed positions
+    assert np.flatnonzero(split_indices(labels, 0.2)).tolist() == [0, 6, 14, 15, 20, 25, 34, 36, 42, 46]
 
 
 def test_digits_cache_mismatch_and_foreign_directory_fail_clearly(digits_root, tmp_path):
@@ -111,22 +119,46 @@ def write_metrics(path: Path) -> None:
     path.write_text("\n".join(json.dumps(r) for r in records) + '\n{"step": 11, "train/lo')  # killed mid-line
 
 
-def test_plot_metrics_png_from_metrics_jsonl(tmp_path):
+def capture_saved_figures(monkeypatch) -> list:
+    """Keep every matplotlib figure a script saves, so a test reads back what was drawn."""
+    from matplotlib.figure import Figure
+
+    saved, real_savefig = [], Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        saved.append(self)
+        return real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def test_plot_metrics_png_from_metrics_jsonl(tmp_path, monkeypatch):
     write_metrics(tmp_path / "metrics.jsonl")
     records = plot_metrics.read_metrics(tmp_path / "metrics.jsonl")
     steps, losses = plot_metrics.series(records, "train/loss")
     assert steps == list(range(1, 11)) and losses[6:] == [1.0] * 4 and losses[0] == pytest.approx(1.9)
     assert plot_metrics.series(records, "val/top1") == ([8, 10], [40.0, 60.0])
 
+    figures = capture_saved_figures(monkeypatch)
     assert plot_metrics.main([str(tmp_path)]) == 0
-    png = Image.open(tmp_path / "metrics.png")
-    assert png.format == "PNG" and png.size[0] > 1000
+    assert Image.open(tmp_path / "metrics.png").format == "PNG"
+    # What is drawn, read back from the figure: every panel's series, the resumed steps counted once.
+    (fig,) = figures
+    drawn = {ax.get_ylabel(): {line.get_label(): (line.get_xdata().tolist(), line.get_ydata().tolist())
+                               for line in ax.lines} for ax in fig.axes}
+    train_loss = [1.9, 1.8, 1.7, 1.6, 1.5, 1.4, 1.0, 1.0, 1.0, 1.0]
+    assert drawn["loss"]["train"][0] == list(range(1, 11))
+    assert drawn["loss"]["train"][1] == pytest.approx(train_loss)
+    assert drawn["loss"]["val"] == ([8, 10], [1.5, 1.0]) and "val (EMA)" not in drawn["loss"]
+    assert drawn["learning rate"]["lr"][1] == pytest.approx([1e-4 * s for s in range(1, 7)] + [5e-4] * 4)
+    assert drawn["accuracy (%)"] == {"val top-1": ([8, 10], [40.0, 60.0]), "val top-5": ([8, 10], [90.0, 95.0])}
     (tmp_path / "empty.jsonl").write_text('{"step": 0, "derived/lr": 1}\n')
     with pytest.raises(SystemExit):
         plot_metrics.main([str(tmp_path / "empty.jsonl")])
 
 
-def test_visualize_modulation_maps_and_png(digits_root, tmp_path):
+def test_visualize_modulation_maps_and_png(digits_root, tmp_path, monkeypatch):
     import focalnet
 
     torch.manual_seed(0)
@@ -156,9 +188,27 @@ def test_visualize_modulation_maps_and_png(digits_root, tmp_path):
 
     extra = tmp_path / "seven.png"
     Image.open(next((digits_root / "val" / "7").iterdir())).save(extra)
+    figures = capture_saved_figures(monkeypatch)
     assert visualize_modulation.main([str(ckpt), str(extra), "--val", "3", "-o", str(tmp_path / "mod.png")]) == 0
-    png = Image.open(tmp_path / "mod.png")
-    assert png.format == "PNG" and png.size[1] > 300  # 4 rows of maps
+    assert Image.open(tmp_path / "mod.png").format == "PNG"
+    # What is drawn, read back: one row per image (the extra one, then a val image of classes 0, 1, 2); the
+    # input panel is the official eval transform of the file (PIL bicubic resize to 32, aug.test_crop=false);
+    # stages 1-3 (stage 4 is 1x1 at 32 px) each show mean_c |m| and the 3 gates of the last block.
+    (fig,) = figures
+    paths = [extra] + [p for p, _ in visualize_modulation.val_images(run_cfg, 3)]
+    official = [np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BICUBIC)) for p in paths]
+    x = (torch.from_numpy(np.stack(official)).permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET_DEFAULT_MEAN)
+         .view(3, 1, 1)) / torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    _, maps = visualize_modulation.record_maps(loaded, x, -1)
+    axes = np.array(fig.axes).reshape(4, 1 + 3 * 4)  # input + 3 stages x (|m|, g0, g1, g_glob)
+    for r in range(4):
+        np.testing.assert_array_equal(axes[r, 0].images[0].get_array(), official[r])
+        for s in range(3):
+            gates, modulator = maps[s]
+            shown = [np.asarray(ax.images[0].get_array()) for ax in axes[r, 1 + 4 * s:1 + 4 * (s + 1)]]
+            np.testing.assert_allclose(shown[0], modulator[r].abs().mean(0).numpy(), atol=1e-5)
+            for level in range(3):
+                np.testing.assert_allclose(shown[1 + level], gates[r, level].numpy(), atol=1e-5)
 
 
 def test_make_demo_runs_the_demo_script():

@@ -1,4 +1,4 @@
-"""Engine pieces, in process: config validation, param groups, LR scaling/schedules, the AMP step,
+"""Engine pieces, in process: config validation, param groups, LR scaling, the AMP step,
 checkpoint files and RNG capture, the run id, and gradient accumulation through the real ``train``."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import TINY
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError
 
 import focalnet
 from focalnet.engine import distributed as D
@@ -19,13 +21,12 @@ from focalnet.engine.amp import AmpStep, NonFiniteLossError
 from focalnet.engine.build import (
     build_model,
     build_optimizer,
-    build_scheduler,
     init_weights_from,
     param_groups,
 )
 from focalnet.engine.checkpointing import capture_rng, load_file, restore_rng, save_atomic
 from focalnet.engine.config import ConfigError, scaled_lrs, validate_config
-from focalnet.engine.trainer import train
+from focalnet.engine.trainer import TrainRun, train
 
 # -- config validation --------------------------------------------------------------------------------
 
@@ -60,8 +61,10 @@ def test_invalid_values_name_the_key_and_what_is_allowed(compose_cfg, override, 
 
 
 def test_unknown_override_is_rejected_by_hydra(compose_cfg):
-    with pytest.raises(Exception, match="epochz"):
+    """Hydra's struct check, before our validation (train.py then exits 1: tests/test_train_e2e.py)."""
+    with pytest.raises(ConfigCompositionException, match=r"Could not override 'trainer\.epochz'") as e:
         compose_cfg("trainer.epochz=3")
+    assert isinstance(e.value.__cause__, ConfigAttributeError) and "Key 'epochz' is not in struct" in str(e.value.__cause__)
 
 
 # -- optimizer, LR scaling, schedules -------------------------------------------------------------------
@@ -90,28 +93,6 @@ def test_linear_scaling_rule(compose_cfg):
     assert d["total_batch"] == 1024
     assert d["lr"] == pytest.approx(1e-3) and d["warmup_lr"] == pytest.approx(1e-6)
     assert d["min_lr"] == pytest.approx(1e-5)
-
-
-def _lrs(name, steps=100, **kw):
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    cfg = {"name": name, "warmup_epochs": 1, "decay_epochs": 2, "decay_rate": 0.5, **kw}
-    sched = build_scheduler(opt, cfg, total_steps=steps, steps_per_epoch=10, warmup_lr=0.01, min_lr=0.001)
-    out = []
-    for s in range(steps + 1):
-        sched.step_update(num_updates=s)
-        out.append(opt.param_groups[0]["lr"])
-    return out
-
-
-def test_schedules_per_step_with_warmup():
-    cos = _lrs("cosine")
-    assert cos[0] == pytest.approx(0.01) and cos[10] == pytest.approx(1.0)  # linear warmup over 1 epoch
-    assert all(a < b for a, b in zip(cos[:10], cos[1:11]))
-    assert all(a >= b for a, b in zip(cos[10:], cos[11:])) and cos[100] == pytest.approx(0.001)
-    step = _lrs("step")
-    assert step[10] == 1.0 and step[29] == 1.0 and step[30] == 0.5 and step[50] == 0.25
-    const = _lrs("constant")
-    assert const[0] == pytest.approx(0.01) and set(const[10:]) == {1.0}
 
 
 # -- the AMP step ----------------------------------------------------------------------------------------
@@ -204,16 +185,35 @@ def test_build_model_focalnet_and_timm(compose_cfg):
     timm_model = build_model({"name": "resnet10t", "library": "timm", "num_classes": 10, "drop_path_rate": 0.0,
                               "kwargs": {}})
     assert timm_model.get_classifier().out_features == 10
-    build_optimizer(model, plain["optimizer"], lr=1e-3)
+
+
+def test_build_optimizer_is_the_papers_adamw_and_sgd_as_configured(compose_cfg):
+    """optimizer=adamw is the paper's: AdamW, betas (0.9, 0.999), eps 1e-8, weight decay 0.05 on weights only."""
+    model = focalnet.create_model("focalnet_micro", num_classes=10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = build_optimizer(model, validate_config(compose_cfg("optimizer=adamw"))["optimizer"], lr=1e-3)
+    assert type(opt) is torch.optim.AdamW
+    decay, no_decay = opt.param_groups
+    for group, wd in ((decay, 0.05), (no_decay, 0.0)):
+        assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-3, (0.9, 0.999), 1e-8, wd)
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if p.ndim > 1}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+    sgd = build_optimizer(model, validate_config(compose_cfg("optimizer=sgd", "optimizer.nesterov=true"))["optimizer"],
+                          lr=0.2)
+    assert type(sgd) is torch.optim.SGD
+    assert [(g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) for g in sgd.param_groups] == [
+        (0.2, 0.9, True, 1e-4), (0.2, 0.9, True, 0.0)]
 
 
 # -- gradient accumulation through the real training loop ---------------------------------------------
 
 
 def test_accumulation_matches_the_large_batch(compose_cfg):
-    """batch B with accum 2 == batch 2B (same samples per update, same scaled LR) within float tolerance."""
+    """batch B with accum 2 == batch 2B (same samples per update, same scaled LR) within float tolerance.
+    A constant LR: under accumulation the official LR index counts micro-batches, which moves a cosine by
+    less than one update against the large batch (tests/test_lr_schedule.py checks that index)."""
     common = ["optimizer=sgd", "optimizer.lr=0.5", "model.drop_path_rate=0.0", "trainer.max_steps=3",
-              "trainer.clip_grad=1.0", "trainer.eval_every=0"]
+              "trainer.clip_grad=1.0", "trainer.eval_every=0", "schedule=constant"]
     big = compose_cfg(*common, "data.batch_size=32", "trainer.accum_steps=1")
     small = compose_cfg(*common, "data.batch_size=16", "trainer.accum_steps=2")
     r_big, r_small = train(big), train(small)
@@ -229,18 +229,61 @@ def test_accumulation_matches_the_large_batch(compose_cfg):
 # -- switches and failure paths through the real training loop -----------------------------------------
 
 
-@pytest.mark.parametrize("switches", [
-    ["trainer.amp=bf16", "trainer.channels_last=true", "trainer.grad_checkpointing=true"],
-    ["trainer.amp=fp16", "trainer.ema_decay=0.9", "aug=deit", "schedule=step"],
+def _record_what_the_model_sees(monkeypatch) -> dict:
+    """Wrap the trainer's build_model and build_mixup_and_loss (the real ones run) with hooks that record, per
+    forward of the network in training mode, the autocast dtype and the input's memory format, how many times
+    the first block runs (twice per update when checkpointed: forward, then recompute in backward), and the
+    targets the loss gets."""
+    import focalnet.engine.trainer as trainer_module
+
+    seen = {"train_forwards": [], "block_calls": 0, "target_ndims": set()}
+    real_build_model, real_mixup_and_loss = trainer_module.build_model, trainer_module.build_mixup_and_loss
+
+    def build_model(model_cfg, **kwargs):
+        model = real_build_model(model_cfg, **kwargs)
+
+        def before(module, args):
+            if module.training:
+                dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+                seen["train_forwards"].append((dtype, args[0].is_contiguous(memory_format=torch.channels_last)))
+
+        def count(module, args):
+            seen["block_calls"] += module.training
+
+        model.register_forward_pre_hook(before)
+        model.layers[0].blocks[0].register_forward_pre_hook(count)
+        return model
+
+    def build_mixup_and_loss(aug_cfg, num_classes):
+        mixup, criterion = real_mixup_and_loss(aug_cfg, num_classes)
+        criterion.register_forward_pre_hook(lambda m, args: seen["target_ndims"].add(args[1].ndim))
+        return mixup, criterion
+
+    monkeypatch.setattr(trainer_module, "build_model", build_model)
+    monkeypatch.setattr(trainer_module, "build_mixup_and_loss", build_mixup_and_loss)
+    return seen
+
+
+@pytest.mark.parametrize("switches, autocast, channels_last, block_runs_per_update, target_ndim", [
+    (["trainer.amp=bf16", "trainer.channels_last=true", "trainer.grad_checkpointing=true"],
+     torch.bfloat16, True, 2, 1),
+    (["trainer.amp=fp16", "trainer.ema_decay=0.9", "aug=deit", "schedule=step"], torch.float16, False, 1, 2),
 ])
-def test_amp_and_memory_switches_train(compose_cfg, switches):
+def test_amp_and_memory_switches_take_effect(compose_cfg, monkeypatch, switches, autocast, channels_last,
+                                             block_runs_per_update, target_ndim):
+    seen = _record_what_the_model_sees(monkeypatch)
     cfg = compose_cfg(*switches, "trainer.max_steps=2", "trainer.eval_every=0")
     result = train(cfg)
     ckpt = load_file(f"{cfg.paths.output_dir}/checkpoints/last.pt")
     assert result["final/step"] == ckpt["step"] == 2 and result["val/count"] == 64
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert seen["train_forwards"] == [(autocast, channels_last)] * 2  # every update, under the asked autocast
+    assert seen["block_calls"] == block_runs_per_update * 2
+    assert seen["target_ndims"] == {target_ndim}  # (B, classes) soft targets when mixup/cutmix is on
     if "trainer.amp=fp16" in switches:
         assert ckpt["scaler"]["scale"] > 0 and "val_ema/top1" in result  # GradScaler state is checkpointed
+        assert ckpt["ema"].keys() == ckpt["model"].keys()
+        assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(compose_cfg):
@@ -281,3 +324,68 @@ def test_skipped_images_from_the_loader_are_logged(compose_cfg, tmp_path):
     metrics = [json.loads(line) for line in (Path(cfg.paths.output_dir) / "metrics.jsonl").read_text().splitlines()]
     skipped = [m["train/skipped_images"] for m in metrics if "train/skipped_images" in m]
     assert len(skipped) == 2 and skipped[-1] > 0  # one record per epoch, a running count
+
+
+# -- checkpoints through the real training loop --------------------------------------------------------------
+
+# 64 images / batch 16 = 4 updates per epoch; mixup/cutmix (numpy RNG), drop path (torch RNG), EMA, AdamW.
+RESUME = ["aug=deit", "trainer.ema_decay=0.9", "data.train_size=64", "trainer.epochs=2", "trainer.ckpt_every_steps=3",
+          "optimizer.lr=0.01", "model.drop_path_rate=0.1"]
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_is_bitwise_exact(compose_cfg, monkeypatch):
+    """A run that dies right after writing last.pt mid-epoch (step 6 of 8, epoch 1) and is relaunched ends
+    bitwise identical to a run that was never interrupted: weights, EMA, optimizer, scaler, schedule, metric."""
+    reference = compose_cfg(*RESUME)
+    train(reference)
+
+    crashed = compose_cfg(*RESUME)
+    real_save = TrainRun.save
+
+    def save_then_crash(self, name="last.pt", also=()):
+        real_save(self, name, also)
+        if self.state.step == 6:
+            raise SimulatedCrash(f"killed after saving step {self.state.step}")
+
+    monkeypatch.setattr(TrainRun, "save", save_then_crash)
+    with pytest.raises(SimulatedCrash):
+        train(crashed)
+    monkeypatch.undo()
+    saved = load_file(f"{crashed.paths.output_dir}/checkpoints/last.pt")
+    assert (saved["step"], saved["epoch"], saved["batch_in_epoch"]) == (6, 1, 2)
+    train(crashed)  # the same config again: trainer.resume=auto continues from last.pt
+
+    a = load_file(f"{reference.paths.output_dir}/checkpoints/last.pt")
+    b = load_file(f"{crashed.paths.output_dir}/checkpoints/last.pt")
+    assert a["step"] == b["step"] == 8 and a["best_metric"] == b["best_metric"]
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["scheduler"] == b["scheduler"] and a["scaler"] == b["scaler"]
+    logged = [json.loads(line) for line in (Path(crashed.paths.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["resumed_from_step"] for m in logged if "resumed_from_step" in m] == [6]
+
+
+def test_save_epoch_ckpts_keeps_one_checkpoint_per_epoch(compose_cfg):
+    """trainer.save_epoch_ckpts=true (README "Run directory"): epoch_N.pt after every epoch, validated or not,
+    each the state at that epoch's end; off by default."""
+    common = ["data.train_size=64", "trainer.epochs=3", "trainer.eval_every=2", "trainer.ckpt_every_steps=null"]
+    cfg = compose_cfg(*common, "trainer.save_epoch_ckpts=true")
+    train(cfg)
+    ckpts = Path(cfg.paths.output_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.pt", "epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "last.pt"]
+    states = [load_file(ckpts / f"epoch_{n}.pt") for n in (1, 2, 3)]
+    assert [(c["epoch"], c["step"], c["batch_in_epoch"]) for c in states] == [(1, 4, 0), (2, 8, 0), (3, 12, 0)]
+    assert (ckpts / "epoch_3.pt").read_bytes() == (ckpts / "last.pt").read_bytes()
+    first, second = states[0]["model"], states[1]["model"]
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # each file is its epoch's state
+
+    default = compose_cfg(*common)
+    train(default)
+    assert sorted(p.name for p in (Path(default.paths.output_dir) / "checkpoints").iterdir()) == ["best.pt", "last.pt"]

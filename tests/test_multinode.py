@@ -4,6 +4,9 @@
   rendezvous on 127.0.0.1 and train one model (gloo): one run directory, identical final weights on both ranks,
   validation over the whole val set; relaunching the same command continues in the same directory from
   ``last.pt`` (the run id derives from the rendezvous id, identical on every node).
+* (slow) ``launch_torchrun.sh`` with ``MAX_RESTARTS=2``: a worker killed at an exact update (SIGKILL, the pause
+  test hook) and then stopped by SIGTERM at the same update is restarted twice by torchrun, resumes from
+  ``last.pt`` each time, and ends bitwise equal to an uninterrupted run;
 * ``launch_torchrun.sh`` refuses ``-m`` (every rank would run the whole sweep) and an incomplete multi-node setup.
 * ``hydra/launcher=slurm`` renders the sbatch script we expect (nodes, GPUs, tasks, time, partition, account,
   USR2 requeue signal, the exported run id) through the real hydra-submitit-launcher and submitit code; only
@@ -16,12 +19,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import wait_parked
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "scripts" / "launch_torchrun.sh"
@@ -82,6 +87,42 @@ def test_two_nodes_c10d_one_run_dir_identical_weights_and_relaunch(tmp_path):
     assert steps == sorted(steps) and steps[-1] == 4              # no step was trained twice
     final = rows(run_dir / "metrics.jsonl")[-1]
     assert final["final/step"] == 4 and len(set(final["final/weights_sha256_per_rank"])) == 1
+
+
+RESTART = ["aug=deit", "trainer.epochs=2", "trainer.ckpt_every_steps=3", "trainer.log_every=1"]  # 8 updates/epoch
+
+
+@pytest.mark.slow
+def test_max_restarts_restarts_workers_that_resume_exactly(tmp_path):
+    """README "Multi-node": MAX_RESTARTS is torchrun's --max-restarts, and restarted workers resume from last.pt.
+    Attempt 1 is SIGKILLed parked after update 5 (last.pt holds update 3); attempt 2 resumes from 3 and is
+    stopped by SIGTERM parked after update 5 (it saves 5, exits 75); attempt 3 resumes from 5 and finishes."""
+    ref_env = clean_env(tmp_path, NPROC_PER_NODE="1", FOCALNET_RUN_ID="reference")
+    ref = subprocess.run(["bash", str(LAUNCH), *TINY, *RESTART], cwd=tmp_path, env=ref_env, capture_output=True,
+                         text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-5000:]
+    ref_final = rows(tmp_path / "out" / "reference" / "metrics.jsonl")[-1]
+
+    marker = tmp_path / "paused"
+    env = clean_env(tmp_path, NPROC_PER_NODE="1", FOCALNET_RUN_ID="restarted", MAX_RESTARTS="2",
+                    FOCALNET_PAUSE_AT_STEP="5", FOCALNET_PAUSE_FILE=str(marker))
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", str(LAUNCH), *TINY, *RESTART], cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+        (first,) = wait_parked(proc, marker, log=log)
+        os.kill(first, signal.SIGKILL)             # a crash: torchrun restarts the worker
+        (second,) = wait_parked(proc, marker, log=log)
+        assert second != first
+        os.kill(second, signal.SIGTERM)            # a preemption: saves update 5, exits 75, torchrun restarts
+        proc.wait(timeout=600)
+    assert proc.returncode == 0, log.read_text()[-5000:]
+    run_dir = tmp_path / "out" / "restarted"
+    resumed = re.findall(r"resumed from \S+/restarted/checkpoints/last\.pt at step (\d+)", (run_dir / "train.log").read_text())
+    assert resumed == ["3", "5"]
+    final = rows(run_dir / "metrics.jsonl")[-1]
+    assert final["final/step"] == ref_final["final/step"] == 16
+    assert final["final/weights_sha256_per_rank"] == ref_final["final/weights_sha256_per_rank"]
 
 
 def test_launch_script_refuses_multirun_and_incomplete_multinode(tmp_path):

@@ -30,6 +30,9 @@ import focalnet
 import focalnet.data
 
 WHERE = "import focalnet, focalnet.data, focalnet.layout as l; print(focalnet.__file__, focalnet.data.__file__, l.CONF_DIR)"
+# Every module of the repository's data/ folder, imported by its package name (shards, file index, ...).
+DATA_MODULES = ("import importlib, pkgutil, focalnet.data as d; "
+                "print(*(importlib.import_module(f'focalnet.data.{m.name}').__file__ for m in pkgutil.iter_modules(d.__path__)))")
 SMALL = ["model=focalnet_micro", "data=synthetic", "data.img_size=32", "data.train_size=64", "data.val_size=32",
          "data.batch_size=16", "aug=none", "trainer.amp=none", "trainer.max_steps=2", "trainer.device=cpu",
          "logger.wandb.mode=disabled"]
@@ -50,6 +53,10 @@ def test_a_checkout_runs_its_own_code():
     assert out.returncode == 0, out.stderr
     paths = [Path(p) for p in out.stdout.split()]
     assert paths == [ROOT / "focalnet" / "__init__.py", ROOT / "data" / "__init__.py", ROOT / "conf"]
+    out = subprocess.run([PYTHON, "-c", DATA_MODULES], cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert sorted(Path(p) for p in out.stdout.split()) == sorted(set((ROOT / "data").glob("*.py")) - {ROOT / "data" / "__init__.py"})
 
 
 def test_a_users_data_package_does_not_shadow_ours(tmp_path):
@@ -111,6 +118,11 @@ def test_pip_install_gives_commands_that_work_from_any_directory(tmp_path):
     out = run(python, "-c", WHERE)
     assert out.returncode == 0, out.stderr
     assert all(Path(p).is_relative_to(site) for p in out.stdout.split()), out.stdout
+    out = run(python, "-c", DATA_MODULES)  # every data module (shards, file index, ...) imports from the wheel
+    assert out.returncode == 0, out.stderr
+    installed = [Path(p) for p in out.stdout.split()]
+    assert all(p.is_relative_to(site / "focalnet" / "data") for p in installed), out.stdout
+    assert sorted(p.name for p in installed) == sorted(p.name for p in (ROOT / "data").glob("*.py") if p.name != "__init__.py")
 
     # The packaged config tree composes exactly what the checkout's does.
     name = "in1k_focalnet_tiny_srf"

@@ -43,7 +43,8 @@ IN1K = {
     "in1k_focalnet_base_lrf": ("focalnet_base_lrf", 0.5, 88.7, 0.05),
     "in1k_focalnet_tiny_iso": ("focalnet_tiny_iso", 0.2, 5.9, 0.05),
     "in1k_focalnet_small_iso": ("focalnet_small_iso", 0.2, 22.4, 0.05),
-    "in1k_focalnet_base_iso": ("focalnet_base_iso", 0.2, 87.2, 0.05),
+    # 87.256M as built and released (tests/test_iso_official.py); the paper's 87.2 omits 18,432 of them.
+    "in1k_focalnet_base_iso": ("focalnet_base_iso", 0.2, 87.2, 0.06),
 }
 IN22K = {
     "in22k_focalnet_large_fl3": ("focalnet_large_fl3", 0.5, 207, 0.5),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, TINY, train_env
+from conftest import PYTHON, ROOT, TINY, train_env, wait_parked
 
 import focalnet
 from focalnet.engine.checkpointing import (
@@ -58,13 +58,6 @@ def launch(run_dir: Path, args, *, pause_at: int | None = None, launcher=(PYTHON
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
-
-
-def wait_parked(proc: subprocess.Popen, log: Path, marker: Path, ranks: int = 1, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while not all(Path(f"{marker}.rank{r}").exists() for r in range(ranks)):
-        assert proc.poll() is None and time.time() < deadline, f"never parked:\n{log.read_text()[-4000:]}"
-        time.sleep(0.05)
 
 
 def stop_with_signal_storm(proc: subprocess.Popen, first: signal.Signals, timeout: float = 300) -> int:
@@ -156,7 +149,7 @@ def test_process_group_signal_saves_exits_75_and_resumes_bitwise(tmp_path, image
     assert reference["step"] == 9  # 3 epochs x 3 updates (24 good images + 2 hostile ones: 3 batches of 8)
 
     proc, log = launch(run_dir, args, pause_at=4, tiny=False)
-    wait_parked(proc, log, tmp_path / "run.paused")
+    wait_parked(proc, tmp_path / "run.paused", log=log)
     code = stop_with_signal_storm(proc, sig)
     text = log.read_text()
     assert code == EXIT_PREEMPTED, text[-4000:]
@@ -194,9 +187,9 @@ def test_torchrun_group_signal_one_save_every_rank_exits_75_and_resumes_bitwise(
     reference = load_file(ref_dir / "checkpoints" / "last.pt")
 
     proc, log = launch(run_dir, args, pause_at=3, launcher=launcher, env_extra=env)
-    wait_parked(proc, log, tmp_path / "run.paused", ranks=2)
+    rank0_pid, _ = wait_parked(proc, tmp_path / "run.paused", ranks=2, log=log)
     holder = json.loads((run_dir / "run.lock").read_text())
-    assert holder["pid"] == int(Path(f"{tmp_path / 'run.paused'}.rank0").read_text())  # rank 0 holds the lock
+    assert holder["pid"] == rank0_pid  # rank 0 holds the lock
     os.killpg(proc.pid, signal.SIGUSR1)
     proc.wait(timeout=300)
     rank_logs = [(run_dir / "train.log").read_text(), (run_dir / "train_rank1.log").read_text()]
@@ -216,7 +209,7 @@ def test_torchrun_group_signal_one_save_every_rank_exits_75_and_resumes_bitwise(
 def test_second_launch_is_refused_the_lock_dies_with_its_holder_and_damaged_runs_are_not_restarted(tmp_path):
     run_dir = tmp_path / "run"
     first, log = launch(run_dir, ["trainer.epochs=2"], pause_at=2)
-    wait_parked(first, log, tmp_path / "run.paused")
+    wait_parked(first, tmp_path / "run.paused", log=log)
     before = (run_dir / "metrics.jsonl").read_text()
     code, out = finish(run_dir, ["trainer.epochs=2"])
     assert code == 2, out[-3000:]
@@ -303,7 +296,7 @@ def test_changed_world_size_with_the_same_total_batch_resumes_at_the_same_sample
     run_dir = tmp_path / "run"
     args = ["data.train_size=128", "data.batch_size=8", "trainer.epochs=1", "trainer.ckpt_every_steps=null"]
     proc, log = launch(run_dir, [*args, "trainer.accum_steps=2"], pause_at=3)
-    wait_parked(proc, log, tmp_path / "run.paused")
+    wait_parked(proc, tmp_path / "run.paused", log=log)
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=300) == EXIT_PREEMPTED, log.read_text()[-3000:]
     assert load_file(run_dir / "checkpoints" / "last.pt")["batch_in_epoch"] == 6

@@ -2,11 +2,16 @@
 
 * a focalnet_micro run on synthetic data learns, writes last/best checkpoints, metrics.jsonl, provenance and
   an offline W&B run whose records W&B's own reader (``wandb leet inspect``) shows;
-* a run killed with SIGKILL mid-epoch, or stopped with SIGTERM, and relaunched with ``trainer.resume=auto``
-  ends bitwise identical (weights, EMA, optimizer) to an uninterrupted run;
+* a run stopped with SIGTERM, relaunched with ``trainer.resume=auto``, killed with SIGKILL mid-epoch and
+  relaunched again ends bitwise identical (weights, EMA, optimizer) to an uninterrupted run;
 * ``torchrun --nproc_per_node=2`` (gloo): one run dir, identical weights on both ranks, exact val counts;
-* ``-m optimizer.lr=a,b``: two complete runs, two W&B runs;
-* invalid configs exit non-zero naming the key.
+* ``-m schedule=cosine,step``: two complete runs, two W&B runs;
+* the logged ``train/lr`` equals timm's scheduler built with the official arguments and stepped as the official
+  ``main.py`` steps it (``tests/test_lr_schedule.py``), with and without gradient accumulation;
+* exit codes: 1 for an override Hydra rejects, 2 for an invalid value (before any work), 75 after a SIGTERM
+  once ``last.pt`` is saved.
+
+The exit-code and two-rank tests are small enough for the fast suite; the others are ``slow``.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
-from conftest import PYTHON, run_train, start_paused_at, train_env, wandb_run_record
+import yaml
+from conftest import PYTHON, compose_eval, run_train, start_paused_at, train_env, wandb_run_record
+from test_lr_schedule import official_loop_lrs, official_scheduler
 
 from focalnet.engine.checkpointing import load_file
 from focalnet.engine.trainer import EXIT_PREEMPTED
-
-pytestmark = pytest.mark.slow
 
 WANDB = str(Path(sys.executable).with_name("wandb"))
 
@@ -43,10 +49,29 @@ def wandb_summary(run_path: Path) -> dict:
     return json.loads(out.stdout)
 
 
+def assert_lr_is_the_official_curve(run_dir: Path, *, epochs: int, batches_per_epoch: int) -> None:
+    """Every logged ``train/lr`` (after update s) equals the LR the official loop's optimizer holds after update s."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    sched = cfg["schedule"]
+    records = read_metrics(run_dir)
+    derived = next(r for r in records if "derived/lr" in r)
+    logged = {r["step"]: r["train/lr"] for r in records if "train/lr" in r}
+    ref = official_loop_lrs(
+        official_scheduler(sched["name"], torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=derived["derived/lr"]),
+                           epochs=epochs, n_iter=batches_per_epoch, warmup_epochs=sched["warmup_epochs"],
+                           warmup_lr=derived["derived/warmup_lr"], min_lr=derived["derived/min_lr"],
+                           decay_epochs=sched["decay_epochs"], decay_rate=sched["decay_rate"],
+                           warmup_prefix=sched["warmup_prefix"]),
+        epochs=epochs, n_iter=batches_per_epoch, accum=cfg["trainer"]["accum_steps"])
+    assert logged and max(logged) == len(ref), (sorted(logged), len(ref))
+    assert {s: logged[s] for s in sorted(logged)} == {s: ref[s - 1] for s in sorted(logged)}, (run_dir, sched)
+
+
 def check(proc: subprocess.CompletedProcess, code: int = 0) -> None:
     assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
+@pytest.mark.slow
 def test_learns_and_writes_checkpoints_metrics_and_wandb(tmp_path):
     run_dir = tmp_path / "run"
     check(run_train([f"hydra.run.dir={run_dir}", "data.train_size=256", "data.batch_size=32", "trainer.epochs=2",
@@ -59,6 +84,7 @@ def test_learns_and_writes_checkpoints_metrics_and_wandb(tmp_path):
     assert len(vals) == 2 and vals[-1]["val/top1"] >= 50.0 and vals[-1]["val/count"] == 64  # chance: 10%
     assert "val_ema/top1" in vals[-1] and metrics[0]["derived/lr"] == pytest.approx(0.03 * 32 / 512)
     assert {"train/grad_norm", "train/lr", "train/img_per_s"} <= set(metrics[1])
+    assert_lr_is_the_official_curve(run_dir, epochs=2, batches_per_epoch=256 // 32)
 
     last = load_file(run_dir / "checkpoints" / "last.pt")
     best = load_file(run_dir / "checkpoints" / "best.pt")
@@ -101,38 +127,44 @@ def assert_same_training_state(a: dict, b: dict) -> None:
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def start_and_wait_for_step(run_dir: Path, step: int, *extra: str) -> subprocess.Popen:
-    return start_paused_at(step, [*RESUME, f"hydra.run.dir={run_dir}", *extra], run_dir.parent / "paused")
+def start_and_wait_for_step(run_dir: Path, step: int, *extra: str, args=RESUME) -> tuple[subprocess.Popen, Path]:
+    """A run parked after update ``step`` (conftest's start_paused_at) and its output file."""
+    log = run_dir.parent / "train.out"
+    proc = start_paused_at(step, [*args, f"hydra.run.dir={run_dir}", *extra], run_dir.parent / "paused", log=log)
+    return proc, log
 
 
-def test_resume_after_sigkill_mid_epoch_is_bitwise_exact(tmp_path, reference_run):
+@pytest.mark.slow
+def test_resume_after_sigterm_then_sigkill_mid_epoch_is_bitwise_exact(tmp_path, reference_run):
+    """One run, interrupted twice and relaunched with ``trainer.resume=auto`` (the default) each time, ends
+    bitwise identical to the uninterrupted reference: a SIGTERM after update 7 (exit 75, last.pt of update 7),
+    then a SIGKILL mid-epoch after update 23 (nothing saved on the kill: last.pt of update 20). Either resume
+    being inexact makes the final state differ. The resumed runs continue the same W&B run."""
     run_dir = tmp_path / "run"
-    proc = start_and_wait_for_step(run_dir, 23)  # epoch 1 (steps 17-32); last.pt from step 20
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    killed_at = max(m["step"] for m in read_metrics(run_dir))
-    saved = load_file(run_dir / "checkpoints" / "last.pt")
-    assert killed_at == 23 and saved["step"] == 20 and saved["batch_in_epoch"] == 4  # inside epoch 1
-    check(run_train([*RESUME, f"hydra.run.dir={run_dir}"]))  # trainer.resume=auto is the default
-    resumed = [m for m in read_metrics(run_dir) if "resumed_from_step" in m]
-    assert resumed and resumed[0]["resumed_from_step"] == saved["step"] <= killed_at
-    assert_same_training_state(load_file(run_dir / "checkpoints" / "last.pt"), reference_run)
-
-
-def test_resume_after_sigterm_is_bitwise_exact(tmp_path, reference_run):
-    run_dir = tmp_path / "run"
-    wandb_on = "logger.wandb.mode=offline"  # also: the resumed run continues the same W&B run
-    proc = start_and_wait_for_step(run_dir, 7, wandb_on)
+    wandb_on = "logger.wandb.mode=offline"
+    proc, log = start_and_wait_for_step(run_dir, 7, wandb_on)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    proc.wait(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, log.read_text()[-3000:]
     saved = load_file(run_dir / "checkpoints" / "last.pt")
     assert saved["step"] == 7 and saved["wandb_id"]
+
+    proc, _ = start_and_wait_for_step(run_dir, 23, wandb_on)  # epoch 1 (steps 17-32); last.pt from step 20
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    resumed = [m["resumed_from_step"] for m in read_metrics(run_dir) if "resumed_from_step" in m]
+    killed_at = max(m["step"] for m in read_metrics(run_dir))
+    saved_before_kill = load_file(run_dir / "checkpoints" / "last.pt")
+    assert resumed == [7] and killed_at == 23
+    assert saved_before_kill["step"] == 20 and saved_before_kill["batch_in_epoch"] == 4  # inside epoch 1
+
     check(run_train([*RESUME, f"hydra.run.dir={run_dir}", wandb_on]))
+    resumed = [m["resumed_from_step"] for m in read_metrics(run_dir) if "resumed_from_step" in m]
+    assert resumed == [7, 20]
     final = load_file(run_dir / "checkpoints" / "last.pt")
     assert_same_training_state(final, reference_run)
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and {wandb_summary(r)["run_id"] for r in runs} == {saved["wandb_id"]} == {final["wandb_id"]}
+    assert len(runs) == 3 and {wandb_summary(r)["run_id"] for r in runs} == {saved["wandb_id"]} == {final["wandb_id"]}
 
 
 # -- multi-process, sweeps, CLI errors --------------------------------------------------------------------
@@ -141,7 +173,7 @@ def test_resume_after_sigterm_is_bitwise_exact(tmp_path, reference_run):
 def test_torchrun_two_ranks_gloo(tmp_path):
     out_root = tmp_path / "outputs"
     launcher = (PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    check(run_train(["data.val_size=63", "data.train_size=128", "trainer.epochs=2", "logger.wandb.mode=offline",
+    check(run_train(["data.val_size=63", "data.train_size=64", "trainer.epochs=2", "logger.wandb.mode=offline",
                      "trainer.ema_decay=0.9"],
                     launcher=launcher, env=train_env(FOCALNET_OUTPUT_ROOT=str(out_root))))
     (run_dir,) = out_root.iterdir()  # one run directory for both ranks
@@ -157,34 +189,80 @@ def test_torchrun_two_ranks_gloo(tmp_path):
     ckpt = load_file(run_dir / "checkpoints" / "last.pt")
     assert len(ckpt["rng"]) == 2 and ckpt["world_size"] == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # per-rank seeds
-    # 128 samples / (2 ranks x 16) = 4 updates per epoch, total batch 32 in the LR scaling
-    assert ckpt["step"] == 8 and metrics[0]["derived/total_batch"] == 32
+    # 64 samples / (2 ranks x 16) = 2 updates per epoch, total batch 32 in the LR scaling
+    assert ckpt["step"] == 4 and metrics[0]["derived/total_batch"] == 32
 
 
+@pytest.mark.slow
 def test_multirun_sweep_gives_two_runs_and_two_wandb_runs(tmp_path):
+    """Also the LR curve through train.py under accumulation: 10 micro-batches per epoch and accum 3 leave one
+    batch over, which the official loop never steps on; warmup and step decays end mid-epoch."""
     out_root = tmp_path / "outputs"
-    check(run_train(["optimizer.lr=1e-3,2e-3", "logger.wandb.mode=offline"], flags=["-m"],
+    check(run_train(["schedule=cosine,step", "trainer.accum_steps=3", "schedule.warmup_epochs=0.55",
+                     "schedule.decay_epochs=0.75", "schedule.decay_rate=0.5", "schedule.min_lr=1e-4",
+                     "optimizer.lr=0.05", "trainer.epochs=2", "data.train_size=40", "data.batch_size=4",
+                     "data.val_size=16", "logger.wandb.mode=offline"], flags=["-m"],
                     env=train_env(FOCALNET_OUTPUT_ROOT=str(out_root))))
     (sweep,) = (out_root / "multirun").iterdir()
-    ids, lrs = set(), set()
+    ids, schedules = set(), set()
     for job in ("0", "1"):
         ckpt = load_file(sweep / job / "checkpoints" / "last.pt")
-        assert ckpt["step"] == 8
+        assert ckpt["step"] == 6  # 2 epochs x 3 updates
         (wandb_run,) = (sweep / job / "wandb").glob("offline-run-*")
         summary = wandb_summary(wandb_run)
         assert summary["state"] == "finished" and "val/top1" in summary["summary"]
         ids.add(summary["run_id"])
-        lrs.add(summary["config"]["optimizer"]["lr"])
-    assert len(ids) == 2 and lrs == {1e-3, 2e-3}
+        schedules.add(summary["config"]["schedule"]["name"])
+        assert_lr_is_the_official_curve(sweep / job, epochs=2, batches_per_epoch=40 // 4)
+    assert len(ids) == 2 and schedules == {"cosine", "step"}
+
+
+@pytest.mark.slow
+def test_model_timm_trains_through_train_py_and_evaluates(tmp_path):
+    """README: `model=timm model.name=swin_tiny_patch4_window7_224` trains any timm model (here a Swin shrunk
+    through model.kwargs to fit 32 px): timm's own state dict in the checkpoint, eval.py reproduces its scores."""
+    from focalnet.engine import evaluate
+
+    run_dir = tmp_path / "run"
+    swin = ["model=timm", "model.name=swin_tiny_patch4_window7_224", "model.drop_path_rate=0.1",
+            "model.kwargs={img_size: 32, window_size: 4, embed_dim: 24, depths: [1, 1], num_heads: [1, 2]}"]
+    check(run_train([*swin, f"hydra.run.dir={run_dir}", "trainer.epochs=2", "optimizer.lr=0.01"]))
+    last = load_file(run_dir / "checkpoints" / "last.pt")
+    reference = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, img_size=32, window_size=4,
+                                  embed_dim=24, depths=(1, 1), num_heads=(1, 2))
+    assert {k: tuple(v.shape) for k, v in last["model"].items()} == {
+        k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert last["config"]["model"]["library"] == "timm" and last["step"] == 16
+    logged = [m for m in read_metrics(run_dir) if "val/top1" in m][-1]
+    r = evaluate(compose_eval([f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "data=synthetic", "data.img_size=32",
+                               "data.val_size=64", "data.batch_size=16", "trainer.amp=none", "aug=none"],
+                              tmp_path / "eval"))
+    assert r["model_source"] == "checkpoint config" and r["count"] == logged["val/count"] == 64
+    assert (r["top1"], r["top5"], r["loss"]) == (logged["val/top1"], logged["val/top5"], logged["val/loss"])
 
 
 @pytest.mark.parametrize("override, expected, code", [
-    ("trainer.epochz=3", "epochz", 1),                                 # misspelled key: Hydra's struct check
-    ("trainer.amp=fp8", "trainer.amp='fp8' is not allowed; it must be one of: bf16, fp16, none", 2),
-    ("trainer.epochs=-1", "trainer.epochs=-1 is not allowed", 2),      # our validation, before any work
+    ("trainer.epochz=3", "Could not override 'trainer.epochz'", 1),     # misspelled key: Hydra's struct check
+    ("trainer.amp=fp8", "trainer.amp='fp8' is not allowed; it must be one of: bf16, fp16, none", 2),  # ours
 ])
 def test_invalid_configs_exit_nonzero_naming_the_key(tmp_path, override, expected, code):
     proc = run_train([override, f"hydra.run.dir={tmp_path / 'run'}"])
-    assert proc.returncode == code
+    assert proc.returncode == code, proc.stderr[-3000:]
     assert expected in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
+    if code == 2:  # one line naming the key, no traceback (README "Exit codes")
+        assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_saves_last_pt_and_exits_75(tmp_path):
+    """Exit code 75 (EX_TEMPFAIL): the signal lands at a known update (the pause hook), the run saves that
+    update's state to last.pt and exits 75, without a traceback."""
+    run_dir = tmp_path / "run"
+    proc, log = start_and_wait_for_step(run_dir, 3, args=["data.train_size=64", "trainer.epochs=2"])
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    err = log.read_text()
+    assert proc.returncode == EXIT_PREEMPTED == 75, err[-3000:]
+    saved = load_file(run_dir / "checkpoints" / "last.pt")
+    assert (saved["step"], saved["epoch"], saved["batch_in_epoch"]) == (3, 0, 3)
+    assert max(m["step"] for m in read_metrics(run_dir)) == 3 and "Traceback" not in err

@@ -130,37 +130,91 @@ def build_optimizer(model: nn.Module, opt_cfg: Mapping, lr: float) -> torch.opti
     raise ValueError(f"optimizer.name={opt_cfg['name']!r}; choose adamw or sgd")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: Mapping, *, total_steps: int,
-                    steps_per_epoch: int, warmup_lr: float, min_lr: float):
-    """timm schedulers in per-update mode (``t_in_epochs=False``): ``step_update(step)`` after every update.
+class UpdateSchedule:
+    """A timm scheduler stepped exactly as the official ``main.py`` steps it (microsoft/FocalNet @9253a7f).
 
-    ``cosine`` decays from the scaled LR to ``min_lr`` over the steps after warmup; ``step`` multiplies by
-    ``decay_rate`` every ``decay_epochs``; ``constant`` holds the LR after warmup. The LR is a pure function
-    of the step, so resuming only needs the step.
+    The official loop calls ``lr_scheduler.step_update(epoch * num_steps + idx)`` after each optimizer update,
+    where ``num_steps = len(data_loader)`` counts micro-batches and ``idx`` is the 0-based index of the update's
+    last micro-batch (under gradient accumulation FocalNet's main.py keeps counting micro-batches; Swin's later
+    main.py divides by the accumulation steps). Without accumulation, update ``s`` (1-based) thus runs with the
+    LR of index ``s - 2``: the first two updates share the initial LR. ``step_update(num_updates=s)`` applies
+    the index the official code passes after update ``s`` (0 before the first update), so the LR is a pure
+    function of the step and a resumed run continues the same curve.
     """
-    warmup = int(round(sched_cfg["warmup_epochs"] * steps_per_epoch))
+
+    def __init__(self, scheduler, batches_per_epoch: int, accum_steps: int):
+        self.scheduler = scheduler
+        self.batches_per_epoch, self.accum_steps = batches_per_epoch, accum_steps
+        self.updates_per_epoch = batches_per_epoch // accum_steps
+
+    def index(self, step: int) -> int:
+        """The official ``step_update`` argument after ``step`` updates."""
+        if step <= 0:
+            return 0
+        epoch, k = divmod(step - 1, self.updates_per_epoch)
+        return epoch * self.batches_per_epoch + (k + 1) * self.accum_steps - 1
+
+    def step_update(self, num_updates: int) -> None:
+        self.scheduler.step_update(self.index(num_updates))
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: Mapping, *, total_steps: int,
+                    batches_per_epoch: int, accum_steps: int, warmup_lr: float, min_lr: float) -> UpdateSchedule:
+    """The official ``lr_scheduler.py`` (microsoft/FocalNet @9253a7f, Swin's), in the official step units.
+
+    Lengths are counted in micro-batches, as the official code counts them (``n_iter_per_epoch =
+    len(data_loader_train)``): ``t_initial = int(epochs * n)``, ``warmup_t = int(warmup_epochs * n)``,
+    ``decay_t = int(decay_epochs * n)`` (``trainer.max_steps`` ends the curve after that many updates instead).
+
+    * ``cosine``: ``CosineLRScheduler(t_initial=ALL steps, warmup_t, warmup_lr_init, lr_min, cycle_limit=1,
+      t_in_epochs=False)`` without ``warmup_prefix``: one cosine spans the whole run and the linear warmup
+      replaces its first ``warmup_t`` steps.
+    * ``step``: ``StepLRScheduler(decay_t, decay_rate, warmup_t, warmup_lr_init, t_in_epochs=False)``. The
+      paper-era timm (0.3.2) has no ``warmup_prefix``: decays count from step 0. timm >= 0.9 defaults to
+      ``warmup_prefix=True``, so it is passed explicitly.
+    * ``constant``: the LR after warmup (``step`` with ``decay_rate=1``).
+
+    ``schedule.warmup_prefix: true`` puts the warmup in front instead: the cosine spans the steps after
+    warmup (Swin's later ``TRAIN.LR_SCHEDULER.WARMUP_PREFIX``, microsoft/Swin-Transformer #278) and step
+    decays count from the end of warmup.
+    """
+    updates_per_epoch = batches_per_epoch // accum_steps
+    # Micro-batches consumed when training ends: whole epochs count every batch, like the official loop.
+    total = (total_steps // updates_per_epoch) * batches_per_epoch + (total_steps % updates_per_epoch) * accum_steps
+    warmup = int(sched_cfg["warmup_epochs"] * batches_per_epoch)
+    prefix = bool(sched_cfg.get("warmup_prefix", False))
     name = sched_cfg["name"]
     if name == "cosine":
-        if total_steps - warmup < 2:
+        if total - warmup < 2:
+            warmup_updates = min(-(-warmup // accum_steps), total_steps)
             log.warning("schedule=cosine: %d of the run's %d updates are warmup (schedule.warmup_epochs=%g), so the "
                         "LR never decays; fine for a smoke test, otherwise raise trainer.epochs/max_steps or lower "
-                        "schedule.warmup_epochs", min(warmup, total_steps), total_steps, sched_cfg["warmup_epochs"])
+                        "schedule.warmup_epochs", warmup_updates, total_steps, sched_cfg["warmup_epochs"])
         # timm warns "Cosine annealing scheduler will have no effect" (t_initial == 1) itself: said above instead.
         timm_log = logging.getLogger("timm.scheduler.cosine_lr")
         level = timm_log.level
         timm_log.setLevel(logging.ERROR)
         try:
-            return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=min_lr,
-                                     warmup_t=warmup, warmup_lr_init=warmup_lr, warmup_prefix=True,
-                                     cycle_limit=1, t_in_epochs=False)
+            scheduler = CosineLRScheduler(optimizer, t_initial=max(total - warmup if prefix else total, 1),
+                                          lr_min=min_lr, warmup_t=warmup, warmup_lr_init=warmup_lr,
+                                          warmup_prefix=prefix, cycle_limit=1, t_in_epochs=False)
         finally:
             timm_log.setLevel(level)
-    if name in ("step", "constant"):
-        decay_t = int(round(sched_cfg["decay_epochs"] * steps_per_epoch)) if name == "step" else 1
-        return StepLRScheduler(optimizer, decay_t=max(decay_t, 1),
-                               decay_rate=sched_cfg["decay_rate"] if name == "step" else 1.0,
-                               warmup_t=warmup, warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False)
-    raise ValueError(f"schedule.name={name!r}; choose cosine, step or constant")
+    elif name in ("step", "constant"):
+        decay_t = int(sched_cfg["decay_epochs"] * batches_per_epoch) if name == "step" else 1
+        scheduler = StepLRScheduler(optimizer, decay_t=max(decay_t, 1),
+                                    decay_rate=sched_cfg["decay_rate"] if name == "step" else 1.0,
+                                    warmup_t=warmup, warmup_lr_init=warmup_lr, warmup_prefix=prefix,
+                                    t_in_epochs=False)
+    else:
+        raise ValueError(f"schedule.name={name!r}; choose cosine, step or constant")
+    return UpdateSchedule(scheduler, batches_per_epoch, accum_steps)
 
 
 def build_mixup_and_loss(aug_cfg: Mapping, num_classes: int) -> tuple[Mixup | None, nn.Module]:

@@ -2,8 +2,9 @@
 
 ``mode=accuracy``
     1. Read the checkpoint SOURCE once (``weights_only=True`` or safetensors; ``focalnet.models.sources``): our run
-       checkpoints (``model`` or ``ema`` weights), official microsoft/FocalNet ``.pth`` files, timm and transformers
-       FocalNet files or hub directories, ``hf-hub:`` ids, URLs, or ``true``/a tag with ``model=NAME``.
+       checkpoints (``weights=auto``/``model``: the ``model`` entry, whose scores ``val/*`` logged and ``best.pt``
+       was chosen on; ``weights=ema``: the EMA weights), official microsoft/FocalNet ``.pth`` files, timm and
+       transformers FocalNet files or hub directories, ``hf-hub:`` ids, URLs, or ``true``/a tag with ``model=NAME``.
     2. The model: ``model=NAME`` when given; else the checkpoint's stored ``config`` (our checkpoints); else the
        registered FocalNet variant whose parameter names and shapes equal the file's (official/timm/transformers
        files; a transformers config.json decides the flags the names cannot show).
@@ -167,6 +168,9 @@ def run_accuracy(cfg: dict) -> dict:
             "ImageNet-22K head on ImageNet-1K classes: logits[:, :1000] (imagenet22k_ms layout). Class 850 "
             "(n04399382, teddy bear) has no ImageNet-22K images: top1/top5 count it as is; top1_excl_850/"
             "top5_excl_850 leave out its images and never predict it")
+    if cfg["weights"] == "auto" and report.get("ema_available"):
+        results["notes"].append("evaluated the 'model' weights (what best.pt was chosen on and val/* logged); this "
+                                "checkpoint also has EMA weights (val_ema/*): weights=ema evaluates them")
     if "per_class" in extra:
         results["per_class"] = extra["per_class"]
     _write_results(cfg, info, device, results, "eval.json")

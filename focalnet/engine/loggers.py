@@ -3,8 +3,8 @@
 ``RunLogger.log(metrics, step)`` fans one event out to ``metrics.jsonl`` (one JSON object per line) and
 W&B. Other ranks get a logger whose methods do nothing, so call sites need no rank checks.
 
-W&B ``logger.wandb.mode``: ``auto`` is online when an API key is configured (``WANDB_API_KEY`` or a
-``~/.netrc`` entry for the W&B host, as ``wandb login`` writes) and offline otherwise; ``online``,
+W&B ``logger.wandb.mode``: ``auto`` is online when an API key is configured (``WANDB_API_KEY`` or an
+entry for the W&B host in ``~/.netrc`` or ``$NETRC``, as ``wandb login`` writes) and offline otherwise; ``online``,
 ``offline`` and ``disabled`` are passed through. Runs live under ``<run_dir>/wandb/``. The run id is chosen
 here (or taken from the checkpoint on resume) and stored in every checkpoint, so a resumed run continues
 the same W&B run.
@@ -76,6 +76,9 @@ def new_wandb_id() -> str:
 
 
 def resolve_wandb_mode(mode: str) -> str:
+    """``logger.wandb.mode`` -> the mode passed to ``wandb.init``. ``auto``: ``WANDB_MODE`` when set, else online
+    when W&B would find an API key (``WANDB_API_KEY``, or a password for ``WANDB_BASE_URL``'s host in the netrc
+    file W&B reads: ``$NETRC``, else ``~/.netrc``), else offline."""
     if mode != "auto":
         return mode
     if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
@@ -83,10 +86,12 @@ def resolve_wandb_mode(mode: str) -> str:
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
     try:
-        return "online" if netrc.netrc().authenticators(host) else "offline"
+        creds = netrc.netrc(str(path)).authenticators(host)
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return "offline"
+    return "online" if creds and creds[2] else "offline"
 
 
 def _sweep_id() -> str | None:

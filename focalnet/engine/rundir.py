@@ -43,7 +43,7 @@ HARMLESS_KEYS = (
     "trainer.device", "trainer.compile", "trainer.channels_last", "trainer.grad_checkpointing",
     "trainer.max_nonfinite_updates",
     "data.num_workers", "data.persistent_workers", "data.decode_threads", "data.os_cache", "data.batches_ahead",
-    "data.max_file_mb", "data.max_image_pixels",
+    "data.max_file_mb", "data.max_image_pixels", "data.cache_dir", "data.cache_limit_gb",
 )
 # Compared as one derived value instead (a different world size with the same product resumes).
 TOTAL_BATCH = "total_batch"

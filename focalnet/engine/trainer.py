@@ -8,7 +8,7 @@ states on resume -> epochs.
 Exit protocol (used by train.py):
 * normal end: returns a summary dict (final validation metrics, step, run_dir).
 * SIGTERM/SIGINT/SIGUSR1/SIGUSR2 (SLURM preemption or time limit, Ctrl-C), to the training process alone or to
-  the whole job (data workers leave the shutdown to it: :func:`data.loaders.leave_shutdown_to_parent`): every
+  the whole job (data workers leave the shutdown to it: :func:`focalnet.data.loaders.leave_shutdown_to_parent`): every
   rank finishes the current update, rank 0 writes ``last.pt``, and :class:`TrainingPreempted` is raised;
   ``train.py`` exits with ``EXIT_PREEMPTED`` (75, ``EX_TEMPFAIL``: "try again"). Relaunching with
   ``trainer.resume=auto`` in the same run dir continues exactly.
@@ -214,7 +214,7 @@ class TrainRun:
                             world_size=info.world_size)
         self.optimizer = build_optimizer(model, cfg["optimizer"], self.derived["lr"])
         self.scheduler = build_scheduler(self.optimizer, cfg["schedule"], total_steps=self.total_steps,
-                                         steps_per_epoch=self.updates_per_epoch,
+                                         batches_per_epoch=len(self.loaders.train), accum_steps=t["accum_steps"],
                                          warmup_lr=self.derived["warmup_lr"], min_lr=self.derived["min_lr"])
         self.amp = AmpStep(t["amp"], self.device, t["clip_grad"], t["max_nonfinite_updates"])
         self.mixup, self.criterion = build_mixup_and_loss(cfg["aug"], cfg["model"]["num_classes"])

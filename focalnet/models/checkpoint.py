@@ -199,14 +199,14 @@ def convert_official_to_timm(sd: Mapping[str, torch.Tensor], *, use_postln: bool
 
     Official post-LN blocks reuse the names ``norm1``/``norm2``; timm calls them ``norm1_post``/``norm2_post``.
     The state dict alone does not say which, so pass ``use_postln`` (``model.arch["use_postln"]``). When
-    omitted it is inferred: every official post-LN model uses conv-embed (L/XL/H) or is isotropic with
-    layerscale (base_iso).
+    omitted it is inferred: every official post-LN model uses conv-embed (L/XL/H); an isotropic model with
+    layerscale is post-LN only in the later reading of base_iso (no ``modulation.ln``; the released one is pre-LN).
     """
     if use_postln is None:
         stem = sd.get("patch_embed.proj.weight")
         conv_embed = stem is not None and stem.shape[-1] == 7
         iso_ls = not any(".downsample." in k for k in sd) and any(k.endswith("gamma_1") for k in sd)
-        use_postln = conv_embed or iso_ls
+        use_postln = conv_embed or (iso_ls and not any(".modulation.ln." in k for k in sd))
     out = {}
     for k, v in sd.items():
         k = re.sub(r"\.gamma_([12])$", r".ls\1.gamma", k)
@@ -550,9 +550,21 @@ def load_checkpoint(
     model_n = model_w.shape[0] if model_w is not None else 0
     ckpt_w = next((v for k, v in ckpt_head.items() if k.endswith("weight")), None)
     ckpt_n = ckpt_w.shape[0] if ckpt_w is not None else 0
-    mode = auto_head(ckpt_n, model_n) if head == "auto" else head
+    mode = head
+    if not ckpt_head and model_n and mode != "reinit":
+        # A headless file (e.g. timm's focalnet_huge_fl4.ms_in22k, published with num_classes=0): `auto` starts a
+        # fresh head; asking to keep or slice one is an error that says so.
+        if mode != "auto":
+            raise CheckpointError(
+                f"{source} has no classifier head (timm publishes focalnet_huge_fl4.ms_in22k without one), so "
+                f"head={mode!r} has nothing to {'slice' if mode == 'slice_22k_to_1k' else 'keep'}: use "
+                f"head='reinit' (trainer.init_head=reinit) for a fresh {model_n}-way head")
+        mode = "reinit"
+        report.notes.append("the checkpoint has no classifier head: a fresh one")
+    if mode == "auto":
+        mode = auto_head(ckpt_n, model_n)
     head_problem = None
-    if not ckpt_head:
+    if not ckpt_head and mode != "reinit":
         report.head = "absent"
     elif mode == "strict":
         if ckpt_n != model_n:

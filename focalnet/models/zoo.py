@@ -17,9 +17,14 @@ _CONFIGS: dict[str, dict] = {
     # Isotropic (ViT-like): patch 16, one stage of 12 blocks, no downsample (official yaml: level 3, window 3).
     "focalnet_tiny_iso": dict(embed_dim=192, depths=(12,), patch_size=16, focal_levels=(3,), focal_windows=(3,)),
     "focalnet_small_iso": dict(embed_dim=384, depths=(12,), patch_size=16, focal_levels=(3,), focal_windows=(3,)),
+    # The paper-era code (microsoft/FocalNet @9253a7f) builds focalnet_base_iso_16 with use_layerscale=True,
+    # use_postln=True, where use_postln then meant a LayerNorm inside the modulation (`modulation.ln`) with
+    # pre-LN blocks: the network that was trained and released (issue #23). Later commits renamed that flag
+    # use_postln_in_modulation and made use_postln mean block post-LN; use_postln=True,
+    # use_postln_in_modulation=False builds that later reading.
     "focalnet_base_iso": dict(
         embed_dim=768, depths=(12,), patch_size=16, focal_levels=(3,), focal_windows=(3,),
-        use_layerscale=True, use_postln=True,
+        use_layerscale=True, use_postln_in_modulation=True,
     ),
     # ImageNet-22K models (official yamls): conv-embed, layerscale 1e-4, post-LN.
     "focalnet_large_fl3": dict(
