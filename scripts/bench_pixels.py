@@ -80,7 +80,7 @@ def table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 def folder_rows(paths_by_size: dict[str, list[str]], size: int, crops: int, rounds: int) -> list[tuple[str, ...]]:
     official_eval = T.Compose([T.Resize(int(256 / 224 * size), interpolation=T.InterpolationMode.BICUBIC),
                                T.CenterCrop(size), T.PILToTensor()])
-    aug = OmegaConf.create({"auto_augment": None, "interpolation": "bicubic", "hflip": 0.0})
+    aug = OmegaConf.create({"auto_augment": None, "color_jitter": None, "interpolation": "bicubic", "hflip": 0.0})
     exact_tf, draft_tf = TrainSampleTransform(aug, size), TrainSampleTransform(aug, size, jpeg_draft=True)
     rows = []
     for spec, paths in paths_by_size.items():
