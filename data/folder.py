@@ -19,9 +19,9 @@ Layouts
   ``data.root``) with one ``relative/path<TAB>label`` per line; paths are relative to
   ``data.root/data.image_dir``. Labels are taken as written.
 
-Every dataset yields ``(uint8 image (3, S, S), label, sample seed)``; the loader's collate function
-(:class:`data.transforms.FinishingCollate`, in the worker) turns them into the contract's normalized float
-batches with per-sample random erasing. Unreadable images are
+Every dataset yields ``(uint8 image (3, S, S), label, sample seed)``; the loader hands them over as uint8
+batches with their seeds, and :class:`data.transforms.BatchFinisher` normalizes and erases them on the
+training device (see :mod:`data.loaders`). Unreadable images are
 skipped, counted in shared memory (workers are processes) and replaced deterministically by the next
 index, so every rank keeps the same batch count and size.
 """
@@ -44,7 +44,6 @@ from data.transforms import (
     BadImage,
     BatchFinisher,
     EvalSampleTransform,
-    FinishingCollate,
     TrainSampleTransform,
     open_image,
     seeded,
@@ -233,12 +232,11 @@ class ImageFileDataset(Dataset):
 
 
 class FolderEpochLoader(EpochLoader):
-    """:class:`EpochLoader` whose uint8 samples are finished into normalized float batches (with random
-    erasing in training) by ``finisher`` inside the collate function, i.e. in the loader workers."""
+    """:class:`EpochLoader` handing over uint8 batches that ``finisher`` normalizes (and erases, in training)
+    on the training device."""
 
     def __init__(self, dataset: ImageFileDataset, finisher: BatchFinisher, **kwargs):
-        super().__init__(dataset, collate_fn=FinishingCollate(finisher), **kwargs)
-        self.finisher = finisher
+        super().__init__(dataset, finisher=finisher, **kwargs)
 
 
 def file_limits(data_cfg) -> dict:
@@ -255,7 +253,8 @@ def file_limits(data_cfg) -> dict:
 
 
 def make_loaders(train_samples: list[Sample], val_samples: list[Sample], num_classes: int, data_cfg, aug_cfg,
-                 *, rank: int, world_size: int, seed: int, info: dict | None = None) -> Loaders:
+                 *, rank: int, world_size: int, seed: int, pin_memory: bool = False,
+                 info: dict | None = None) -> Loaders:
     size = int(data_cfg.img_size)
     test_crop = bool(aug_cfg.get("test_crop", True)) if aug_cfg is not None else True
     interp = (aug_cfg.get("interpolation", "bicubic") if aug_cfg is not None else "bicubic") or "bicubic"
@@ -266,7 +265,8 @@ def make_loaders(train_samples: list[Sample], val_samples: list[Sample], num_cla
                               limits=limits)
     workers = int(data_cfg.get("num_workers", 0))
     common = dict(batch_size=int(data_cfg.batch_size), rank=rank, world_size=world_size, seed=seed,
-                  num_workers=workers, persistent_workers=bool(data_cfg.get("persistent_workers", True)))
+                  num_workers=workers, persistent_workers=bool(data_cfg.get("persistent_workers", True)),
+                  pin_memory=pin_memory)
     return Loaders(
         train=FolderEpochLoader(train_ds, BatchFinisher(aug_cfg, train=True), train=True, **common),
         val=FolderEpochLoader(val_ds, BatchFinisher(aug_cfg, train=False), train=False, **common),
@@ -307,9 +307,11 @@ def dataset_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:
 @register_builder("imagenet1k")
 @register_builder("folder")
 @register_builder("imagenet22k")
-def build_image_files(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build_image_files(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                      pin_memory: bool = False) -> Loaders:
     train, val, num_classes = dataset_samples(data_cfg)
-    return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
+    return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed,
+                        pin_memory=pin_memory)
 
 
 def imagenet22k_samples(data_cfg) -> tuple[list[Sample], list[Sample], int]:

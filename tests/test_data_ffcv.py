@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -169,18 +168,24 @@ def test_too_little_shared_memory_fails_before_work_starts(betons, tmp_path, mon
 
 
 def test_a_killed_augmentation_process_raises_instead_of_hanging(betons):
+    import multiprocessing
     import signal
 
+    from data.ffcv_loader import AHEAD, QUEUED
+
     _, out = betons
-    loaders = build_loaders(ffcv_cfg(out, num_workers=2), DEIT)
+    before = set(multiprocessing.active_children())
+    loaders = build_loaders(ffcv_cfg(out, num_workers=2, batch_size=1), DEIT)  # 12 batches of 1
+    pool = set(multiprocessing.active_children()) - before  # the augmentation processes the loaders forked
+    assert len(pool) == 4  # train and val: 2 each
     loaders.train.set_epoch(0)
     it = iter(loaders.train)
-    next(it)  # the next batch is in the pool now
-    os.kill(next(iter(loaders.train.pool._processes)), signal.SIGKILL)  # as the OOM killer would
-    for _ in range(1000):  # the executor notices within milliseconds; the remaining batches may be done sooner
-        if loaders.train.pool._broken:
-            break
-        time.sleep(0.01)
+    next(it)
+    # The feeder thread is at most QUEUED + 1 finished batches and AHEAD batches in the pool ahead of us: the
+    # rest of the epoch is handed to the pool after this.
+    assert len(loaders.train) > 1 + QUEUED + 1 + AHEAD
+    for proc in pool:  # as the OOM killer would; all of them, so no live process can pick up a later batch
+        os.kill(proc.pid, signal.SIGKILL)
     with pytest.raises(RuntimeError, match=r"augmentation process died .* Resume from the last checkpoint"):
         for _ in it:
             pass

@@ -133,14 +133,22 @@ def test_amp_step_clips_once_and_returns_the_norm():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_non_finite_loss_stops_fp32_before_the_update():
-    model, opt, x, y = _tiny_problem()
+@pytest.mark.parametrize("fused", [True, False])  # skipped on the device (found_inf) / checked on the host
+def test_non_finite_update_is_never_applied_and_stops_fp32_at_the_check(fused):
+    model, _, x, y = _tiny_problem()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
     amp = AmpStep("none", torch.device("cpu"))
+    amp.backward(nn.functional.cross_entropy(model(x), y))
+    amp.step(opt, list(model.parameters()))  # a good update: applied
     w0 = [p.detach().clone() for p in model.parameters()]
+    steps0 = [s["step"].clone() for s in opt.state.values()]
     amp.backward(nn.functional.cross_entropy(model(x), y) * float("nan"))
-    with pytest.raises(NonFiniteLossError, match="trainer.amp=none"):
-        amp.step(opt, list(model.parameters()))
+    amp.step(opt, list(model.parameters()))  # returns: nothing was read back from the device
     assert all(torch.equal(a, p) for a, p in zip(w0, model.parameters()))
+    assert all(torch.equal(a, s["step"]) for a, s in zip(steps0, opt.state.values()))  # not even counted
+    assert (amp.skipped.item(), amp.in_a_row.item(), amp.longest_run.item()) == (1, 1, 1)
+    with pytest.raises(NonFiniteLossError, match="trainer.amp=none"):
+        amp.check()
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale():

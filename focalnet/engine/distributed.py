@@ -117,13 +117,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one (e.g. a preemption signal)."""
-    if not is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """In-place maximum over ranks."""
+    if is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
 
 
 def _new_run_id() -> str:
