@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python scripts/bench_model.py
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_data.py
+	$(BIN)/python scripts/bench_transfer.py
 
 demo: install
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)

@@ -46,3 +46,12 @@ def test_bench_data_compares_the_three_pipelines(tmp_path):
               "--batch-size", "8", "--workers", "1", "--epochs", "1", "--img-size", "64")
     for path in ("(a)", "(b)", "(c)"):
         assert path in out
+
+
+def test_bench_transfer_counts_a_quarter_of_the_bytes(tmp_path):
+    out = run("bench_transfer.py", "--dir", str(tmp_path / "images"), "--batch-size", "4", "--img-size", "32",
+              "--steps", "2", "--skip-ffcv")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| data=")}
+    # 4 x 3 x 32 x 32 uint8 + 4 int64 labels, against the same in float32.
+    assert "| 49,184 B" in rows["data=imagenet1k (folder)"] and "| 12,320 B" in rows["data=imagenet1k (folder)"]
+    assert rows["data=imagenet1k (folder)"].endswith("| 0.250 |") and rows["data=synthetic"].endswith("| 1.000 |")
