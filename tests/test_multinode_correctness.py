@@ -97,14 +97,7 @@ def test_srun_tasks_form_one_job_and_refuse_a_checkpoint_the_ranks_do_not_share(
         assert f"rank 1 on host {host} reads step 1 with checksum " in line
         assert f"rank 2 on host {host} cannot read it (" in line and "trainer.resume=PATH" in line
     assert not (run_dir / "launches" / "002").exists()  # refused before any work: nothing written
-
-    # The same files everywhere: the job resumes.
-    (cwds[1] / "last.pt").unlink()
-    for cwd in cwds[1:]:
-        os.link(cwds[0] / "last.pt", cwd / "last.pt")
-    results = srun(run_dir, relaunch, 3, cwds)
-    assert all(code == 0 for code, _ in results), results[1][1][-3000:]
-    assert load_file(ckpt)["step"] == 4  # (the save replaced the link with the new file)
+    # (Ranks that agree resume: tests/test_multinode.py and tests/test_slurm_requeue.py relaunch 2-rank jobs.)
 
 
 @pytest.mark.slow
@@ -174,9 +167,9 @@ def test_torchrun_group_sigterm_no_rank_exits_before_rank_0s_save_is_on_disk(tmp
     os.killpg(proc.pid, signal.SIGTERM)  # torchrun's agent and both ranks' sessions (it forwards the signal)
     out = proc.communicate(timeout=300)[0]
     rank0, rank1 = ((run_dir / name).read_text().splitlines() for name in ("train.log", "train_rank1.log"))
-    (saved,) = [line for line in rank0 if "saved" in line and "exiting with code 75" in line]
+    (written,) = [line for line in rank0 if re.search(r"wrote \S+/last\.pt \(\d+ MiB in", line)]
     exits = [next(line for line in lines if "preempted at step 2" in line) for lines in (rank0, rank1)]
-    assert all(log_time(line) >= log_time(saved) for line in exits), (saved, exits)  # the exit barrier
+    assert all(log_time(line) >= log_time(written) for line in exits), (written, exits)  # the exit barrier
     assert "exitcode  : -9" not in out and "Signals.SIGKILL" not in out, out[-3000:]
     ckpt = load_file(run_dir / "checkpoints" / "last.pt")  # CRC-checked: complete
     assert ckpt["step"] == 2 and ckpt["ema"] is not None

@@ -38,6 +38,7 @@ import pickle
 import random
 import shutil
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -250,10 +251,13 @@ class CheckpointWriter:
 
     def _write(self, obj: dict, path: Path, links: tuple[str, ...]) -> None:
         try:
+            start = time.perf_counter()
             save_atomic(obj, path)
             for name in links:  # the same bytes, linked instead of written again
                 link_or_copy_atomic(path, path.with_name(name))
             remove_orphan_temporaries(path.parent)  # of saves killed mid-write (the writer owns the directory)
+            log.info("wrote %s (%.0f MiB in %.1f s%s)", path, path.stat().st_size / 2**20, time.perf_counter() - start,
+                     f"; also {', '.join(links)}" if links else "")
         except BaseException as e:  # noqa: BLE001  (raised in the training thread by wait)
             self._error = e
 
