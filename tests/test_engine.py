@@ -208,6 +208,33 @@ def test_build_model_focalnet_and_timm(compose_cfg):
     build_optimizer(model, plain["optimizer"], lr=1e-3)
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_optimizers_take_the_fused_kernel_where_torch_has_one(compose_cfg, name):
+    """Fused on CUDA and the CPU (it also skips a non-finite update on the device), foreach elsewhere."""
+    cfg = {**validate_config(compose_cfg())["optimizer"], "name": name, "momentum": 0.9}
+    on_cpu = build_optimizer(nn.Linear(4, 2), cfg, lr=1e-3)
+    assert on_cpu.defaults["fused"] and not on_cpu.defaults["foreach"]
+    on_meta = build_optimizer(nn.Linear(4, 2, device="meta"), cfg, lr=1e-3)  # no fused kernel there
+    assert on_meta.defaults["foreach"] and not on_meta.defaults["fused"]
+
+
+def test_train_destroys_its_process_group_when_it_ends_or_stops(compose_cfg, monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    def init_group():
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / f"store{next(stores)}"), 1), rank=0,
+                                world_size=1)
+        return D.DistInfo()
+
+    stores = iter(range(2))
+    monkeypatch.setattr(D, "init_distributed", init_group)
+    train(compose_cfg("trainer.max_steps=2"))
+    assert not dist.is_initialized()
+    with pytest.raises(NonFiniteLossError):  # diverged (non-finite gradients from the first update)
+        train(compose_cfg("trainer.max_steps=2", "data.signal=1e38"))
+    assert not dist.is_initialized()
+
+
 # -- gradient accumulation through the real training loop ---------------------------------------------
 
 

@@ -271,6 +271,9 @@ class TrainRun:
                  "scaled by %d/512); %d updates/epoch, %d updates", info.world_size, self.device,
                  self.derived["total_batch"], self.derived["lr"], self.derived["warmup_lr"], self.derived["min_lr"],
                  self.derived["total_batch"], self.updates_per_epoch, self.total_steps)
+        log.info("%s with the %s kernel%s", type(self.optimizer).__name__,
+                 "fused" if self.optimizer.defaults.get("fused") else "foreach",
+                 f"; DDP static_graph={self.ddp.static_graph}" if self.ddp is not None else "")
         # Per-rank RNG streams (drop path, mixup) start here, after every setup step that might draw from the
         # global generators (W&B, compile...), so they do not depend on the setup; a resume then overwrites them.
         seed_everything(t["seed"] + info.rank)
