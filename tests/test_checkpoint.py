@@ -200,7 +200,7 @@ def test_missing_and_unexpected_keys_listed_with_hint():
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="no such file or directory"):
         load_checkpoint(_micro(), tmp_path / "nope.pth")
 
 

@@ -307,6 +307,7 @@ def test_presets_compose_with_the_dat_recipe(preset):
         "library": "focalnet",
         "num_classes": 1000,
         "drop_path_rate": drop_path,
+        "pretrained": None,
         "grad_checkpointing": False,
         "kwargs": {"img_size": 224},
     }

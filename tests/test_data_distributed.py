@@ -1,14 +1,16 @@
 """Two real processes (rank 0 and 1) load one epoch: every sample is seen exactly once across ranks.
 
-Each image has its own class, so a label identifies a sample. 8 training images, batch 2, 2 ranks: the
-training sampler needs no padding, so the union over ranks must be every image exactly once; validation
-(10 images) must be covered exactly once without padding.
+Labels identify samples: 10 classes, training holds one image of classes 0-7 and two of classes 8 and 9
+(every training class must hold images), validation one image per class. 12 training images, batch 2,
+2 ranks: the training sampler needs no padding, so the union over ranks must be every image exactly once;
+validation (10 images) must be covered exactly once without padding.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -51,18 +53,23 @@ def run_ranks(cfg: dict, start: int = 0) -> list[dict]:
 @pytest.fixture(scope="module")
 def unique_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("uniq")
-    write_image_folder(str(root / "train"), 8, 1, size=(48, 40))
+    write_image_folder(str(root / "train"), 10, 1, size=(48, 40))
+    write_image_folder(str(root / "extra"), 10, 1, size=(48, 40), seed=2)
+    for c in (8, 9):  # a second, different image in the last two classes: 12 training images
+        os.replace(root / "extra" / f"n{c:08d}" / f"n{c:08d}_0.JPEG", root / "train" / f"n{c:08d}" / f"n{c:08d}_1.JPEG")
+    shutil.rmtree(root / "extra")
     write_image_folder(str(root / "val"), 10, 1, size=(48, 40), seed=1)
-    (root / "train" / "n00000008").mkdir()  # val has 10 classes: give train the same class list
-    (root / "train" / "n00000009").mkdir()
     return root
 
 
-def check_exact_cover(results, n_train=8, n_val=10):
-    assert results[0]["len"] == results[1]["len"] == 2  # same number of batches on every rank
+TRAIN_LABELS = Counter({**{c: 1 for c in range(8)}, 8: 2, 9: 2})
+
+
+def check_exact_cover(results, n_val=10):
+    assert results[0]["len"] == results[1]["len"] == 3  # same number of batches on every rank
     train = Counter(lab for r in results for batch in r["train"] for lab in batch)
-    assert train == Counter(range(n_train))
-    assert [len(b) for r in results for b in r["train"]] == [2, 2, 2, 2]
+    assert train == TRAIN_LABELS
+    assert [len(b) for r in results for b in r["train"]] == [2] * 6
     val = Counter(lab for r in results for batch in r["val"] for lab in batch)
     assert val == Counter(range(n_val))
 

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from focalnet import FocalModulation, FocalNet, create_model, list_models
 from focalnet.models.backbone import FocalNetBackbone
-from focalnet.models.checkpoint import convert_official_to_timm, load_checkpoint
+from focalnet.models.checkpoint import CheckpointError, convert_official_to_timm, load_checkpoint
 
 # Paper / README table: params (M, 1000-way head) and GFLOPs (= GMACs) at 224.
 PAPER = {
@@ -189,7 +189,7 @@ def test_create_model_overrides():
     assert m.layers[-1].blocks[-1].drop_path.drop_prob == pytest.approx(0.3)
     assert m.arch["focal_levels"] == (3, 3, 3, 3)
     assert m(torch.randn(1, 3, 96, 96)).shape == (1, 10)
-    with pytest.raises(ValueError, match="checkpoint_path"):
+    with pytest.raises(CheckpointError, match="focalnet_micro has no published weights"):
         create_model("focalnet_micro", pretrained=True)
 
 

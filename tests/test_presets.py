@@ -97,7 +97,7 @@ def test_tiny_lrf_every_value_matches_the_paper_recipe():
     """../shared/reference/FOCALNET.md, "The paper's training recipe", value by value."""
     cfg = copy.deepcopy(resolved("in1k_focalnet_tiny_lrf"))
     assert cfg["model"] == {"name": "focalnet_tiny_lrf", "library": "focalnet", "num_classes": 1000,
-                            "drop_path_rate": 0.2, "grad_checkpointing": False, "kwargs": {}}
+                            "drop_path_rate": 0.2, "pretrained": None, "grad_checkpointing": False, "kwargs": {}}
     assert {k: cfg["data"][k] for k in ("name", "num_classes", "img_size", "batch_size")} == {
         "name": "imagenet1k", "num_classes": 1000, "img_size": 224, "batch_size": 128}
     assert cfg["optimizer"] == {"name": "adamw", "lr": 5e-4, "weight_decay": 0.05, "betas": [0.9, 0.999],

@@ -17,18 +17,30 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
 import focalnet
+from focalnet.engine.checkpointing import load_file
+from focalnet.models.checkpoint import model_name, read_weights
 
 log = logging.getLogger(__name__)
 
 
-def build_model(model_cfg: Mapping) -> nn.Module:
-    """``model.library=focalnet`` -> ``focalnet.create_model``; ``timm`` -> ``timm.create_model`` (no download)."""
+def build_model(model_cfg: Mapping, *, timm_pretrained: bool = False) -> nn.Module:
+    """``model.library=focalnet`` -> ``focalnet.create_model``; ``timm`` -> ``timm.create_model``.
+
+    No weights are loaded here, except, with ``timm_pretrained``, a timm model's ``model.pretrained`` through timm's
+    own loader (``true`` / a tag = timm's published weights, ``hf-hub:ORG/REPO``, a file). FocalNet/DAT weights are
+    loaded by :func:`init_weights_from`, which keeps ``trainer.init_head``'s head handling.
+    """
     kwargs = dict(model_cfg.get("kwargs") or {})
+    pretrained = pretrained_source(model_cfg)
+    kwargs.pop("pretrained", None)
     common = dict(num_classes=model_cfg["num_classes"], drop_path_rate=model_cfg["drop_path_rate"], **kwargs)
     if model_cfg["library"] == "focalnet":
         model = focalnet.create_model(model_cfg["name"], **common)
     elif model_cfg["library"] == "timm":
-        model = timm.create_model(model_cfg["name"], pretrained=False, **common)
+        name, timm_kwargs = model_cfg["name"], {}
+        if timm_pretrained and pretrained is not None:
+            name, timm_kwargs = _timm_pretrained_args(name, pretrained)
+        model = timm.create_model(name, **timm_kwargs, **common)
     else:
         raise ValueError(f"model.library={model_cfg['library']!r}; choose focalnet or timm")
     if model_cfg.get("grad_checkpointing"):
@@ -36,12 +48,38 @@ def build_model(model_cfg: Mapping) -> nn.Module:
     return model
 
 
+def pretrained_source(model_cfg: Mapping):
+    """``model.pretrained`` (``model.kwargs.pretrained`` is accepted too, as timm users write it); None if unset."""
+    source, legacy = model_cfg.get("pretrained"), (model_cfg.get("kwargs") or {}).get("pretrained")
+    if source not in (None, False) and legacy not in (None, False) and source != legacy:
+        raise ValueError(f"model.pretrained={source!r} and model.kwargs.pretrained={legacy!r}: set only model.pretrained")
+    source = source if source not in (None, False) else legacy
+    return None if source in (None, False, "false", "False", "") else source
+
+
+def _timm_pretrained_args(name: str, source) -> tuple[str, dict]:
+    """A SOURCE for a timm model in timm's terms: ``true`` -> its default tag, a tag -> ``name.tag``,
+    ``hf-hub:ORG/REPO`` -> that repository, a file -> ``pretrained_cfg_overlay=dict(file=...)``."""
+    from focalnet.models.sources import HF_PREFIX, is_tag
+
+    if source is True or source in ("true", "True"):
+        return name, {"pretrained": True}
+    if is_tag(source):
+        return f"{name.split('.')[0]}.{source}", {"pretrained": True}
+    if str(source).startswith(HF_PREFIX):
+        return name, {"pretrained": True, "pretrained_cfg_overlay": {"hf_hub_id": str(source)[len(HF_PREFIX):]}}
+    return name, {"pretrained": True, "pretrained_cfg_overlay": {"file": str(source)}}
+
+
 # trainer.init_head -> focalnet.load_checkpoint(head=...)
 INIT_HEAD_MODES = {"auto": "auto", "keep": "strict", "reinit": "reinit", "slice_22k_to_1k": "slice_22k_to_1k"}
 
 
-def init_weights_from(model: nn.Module, path: str, head: str = "auto", seed: int = 0):
+def init_weights_from(model: nn.Module, source, head: str = "auto", seed: int = 0):
     """Fine-tuning start: weights only (optimizer, schedule and step start fresh), via ``focalnet.load_checkpoint``.
+
+    ``source`` is any weight SOURCE (``trainer.init_from`` or ``model.pretrained``: a file, a directory,
+    ``hf-hub:ORG/REPO``, a URL, ``true``/a tag for the model's published weights).
 
     ``head``: ``keep`` (the checkpoint's head; class counts must match), ``reinit`` (a fresh head),
     ``slice_22k_to_1k`` (rows 0..999 of a 21842-way ImageNet-22K head), ``auto`` (keep when the counts match,
@@ -53,8 +91,9 @@ def init_weights_from(model: nn.Module, path: str, head: str = "auto", seed: int
         raise ValueError(f"trainer.init_head={head!r}; choose one of {', '.join(INIT_HEAD_MODES)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        result = focalnet.load_checkpoint(model, path, head=INIT_HEAD_MODES[head])
-    log.info("initialized weights from %s (%s)", path, result)
+        weights = read_weights(source, variant=model_name(model), torch_load=load_file)  # checksums verified
+        result = focalnet.load_checkpoint(model, weights, head=INIT_HEAD_MODES[head])
+    log.info("initialized weights from %s (%s)", source, result)
     return result
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from focalnet.models.sources import check_source
+
 Check = Callable[[Any], str | None]  # returns a description of what is allowed when the value is wrong
 
 
@@ -65,6 +67,10 @@ def string(v):
     return None if isinstance(v, str) and v else "a non-empty string"
 
 
+def weight_source(v):
+    return None if (isinstance(v, str) and v) or isinstance(v, bool) else "a weight SOURCE (path, hf-hub:..., URL, true, tag)"
+
+
 def optional(inner: Check) -> Check:
     def check(v):
         if v is None:
@@ -95,6 +101,7 @@ SCHEMA: dict[str, Any] = {
     "model": {
         "name": string, "library": choice("focalnet", "timm"), "num_classes": integer(1),
         "drop_path_rate": number(0, 1), "grad_checkpointing": boolean, "kwargs": mapping,
+        "pretrained": optional(weight_source),
     },
     "data": {
         "name": string, "root": optional(string), "num_classes": integer(1), "img_size": integer(1),
@@ -122,7 +129,7 @@ SCHEMA: dict[str, Any] = {
         "epochs": integer(0), "max_steps": optional(integer(1)), "amp": choice("bf16", "fp16", "none"),
         "accum_steps": integer(1), "clip_grad": optional(number(0, lo_open=True)),
         "ema_decay": optional(number(0, 1, lo_open=True)), "compile": boolean, "channels_last": boolean,
-        "grad_checkpointing": boolean, "resume": optional(string), "init_from": optional(string),
+        "grad_checkpointing": boolean, "resume": optional(string), "init_from": optional(weight_source),
         "init_head": choice("auto", "keep", "reinit", "slice_22k_to_1k"), "ckpt_every_steps": optional(integer(1)),
         "save_epoch_ckpts": boolean, "eval_every": integer(0), "log_every": integer(1),
         "device": choice("auto", "cpu", "cuda"), "seed": integer(0),
@@ -138,7 +145,7 @@ SCHEMA: dict[str, Any] = {
     "paths": {"output_root": string, "output_dir": string},
 }
 OPEN_GROUPS = {"data"}
-OPTIONAL_KEYS = {"optimizer.nesterov"}
+OPTIONAL_KEYS = {"optimizer.nesterov", "model.pretrained"}
 
 
 def _walk(schema: Mapping, cfg: Mapping, prefix: str, errors: list[str]) -> None:
@@ -213,8 +220,17 @@ def _cross_checks(c: dict) -> list[str]:
             errors.append("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
     if t["resume"] not in (None, "auto") and not os.path.isfile(t["resume"]):
         errors.append(f"trainer.resume={t['resume']!r}: no such file (use auto, null or a checkpoint path)")
-    if t["init_from"] is not None and not os.path.isfile(t["init_from"]):
-        errors.append(f"trainer.init_from={t['init_from']!r}: no such file")
+    model, library = c["model"], c["model"]["library"]
+    pretrained = model.get("pretrained")
+    for key, source in (("trainer.init_from", t["init_from"]), ("model.pretrained", pretrained)):
+        if key == "model.pretrained" and library == "timm":
+            continue  # timm resolves its own weights (tags, hf-hub ids, files)
+        problem = check_source(source, model["name"])
+        if problem:
+            errors.append(f"{key}={source!r}: {problem}")
+    if t["init_from"] is not None and pretrained not in (None, False):
+        errors.append(f"trainer.init_from={t['init_from']!r} and model.pretrained={pretrained!r}: set one of them "
+                      f"(both start the run from pretrained weights)")
     return errors
 
 

@@ -1,10 +1,12 @@
 """``evaluate(cfg)``, what ``eval.py`` runs: a checkpoint's accuracy on an evaluation set, or model throughput.
 
 ``mode=accuracy``
-    1. Read the checkpoint once (``weights_only=True``): our run checkpoints (``model`` or ``ema`` weights),
-       official microsoft/FocalNet ``.pth`` files, timm FocalNet state dicts.
+    1. Read the checkpoint SOURCE once (``weights_only=True`` or safetensors; ``focalnet.models.sources``): our run
+       checkpoints (``model`` or ``ema`` weights), official microsoft/FocalNet ``.pth`` files, timm and transformers
+       FocalNet files or hub directories, ``hf-hub:`` ids, URLs, or ``true``/a tag with ``model=NAME``.
     2. The model: ``model=NAME`` when given; else the checkpoint's stored ``config`` (our checkpoints); else the
-       registered FocalNet variant whose parameter names and shapes equal the file's (official/timm files).
+       registered FocalNet variant whose parameter names and shapes equal the file's (official/timm/transformers
+       files; a transformers config.json decides the flags the names cannot show).
     3. The class space: the eval set's (``data.num_classes`` for ``eval_set=val``, 1000 for ReaL/V2/A/R). A
        21842-way ImageNet-22K head evaluated on a 1000-class set keeps rows 0..999 (FocalNet's
        ``imagenet22k_ms`` layout puts ImageNet-1K first, in 1K order), which is ``logits[:, :1000]``.
@@ -27,7 +29,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -54,11 +55,11 @@ from focalnet.models.checkpoint import (
     IN1K_CLASSES,
     IN22K_CLASSES,
     CheckpointError,
-    convert_timm_to_official,
-    is_timm_format,
-    read_state_dict,
+    model_config_for,
+    read_weights,
 )
 from focalnet.models.flops import count_macs
+from focalnet.models.sources import check_source
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,12 @@ def check_eval_config(cfg: DictConfig | Mapping) -> dict:
     if c["trainer"].get("device") == "cuda" and not torch.cuda.is_available():
         errors.append("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
     ckpt = c.get("checkpoint")
-    if ckpt is not None and not Path(str(ckpt)).is_file():
-        errors.append(f"checkpoint={ckpt!r}: no such file")
+    problem = check_source(ckpt, c["model"]["name"] if "model" in c else None) if ckpt is not None else None
+    if problem:
+        errors.append(f"checkpoint={ckpt!r}: {problem}")
     if c.get("mode") == "accuracy" and ckpt is None:
-        errors.append("checkpoint is not set: pass checkpoint=PATH (our .pt, an official .pth or a timm state dict)")
+        errors.append("checkpoint is not set: pass checkpoint=SOURCE (our .pt, an official .pth, a timm or "
+                      "transformers file or directory, hf-hub:ORG/REPO, a URL, or true with model=NAME)")
     if c.get("real_labels") is not None and not Path(str(c["real_labels"])).is_file():
         errors.append(f"real_labels={c['real_labels']!r}: no such file")
     if c.get("mode") == "throughput":
@@ -124,67 +127,6 @@ def check_eval_config(cfg: DictConfig | Mapping) -> dict:
 # ---- checkpoint -> model --------------------------------------------------------------------------------
 
 
-def read_checkpoint(path: str, weights: str) -> tuple[dict, dict | None, str | None, bool]:
-    """(state dict, the stored training config or None, entry used, whether EMA weights exist); one read."""
-    obj = load_file(path)  # weights_only=True, checksums verified; CheckpointError names the file
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
-    has_ema = isinstance(obj.get("ema"), Mapping)
-    if weights == "ema" and not has_ema:
-        raise CheckpointError(f"weights=ema but {path} has no EMA weights (trained with trainer.ema_decay=null, or "
-                              f"not one of our checkpoints); use weights=model")
-    key = "ema" if weights == "ema" else "model"
-    if weights == "auto" and "model" not in obj:
-        # Other trainers' files ({"state_dict": ...}, {"module": ...}): the one entry holding weights, if unique.
-        nested = [k for k, v in obj.items() if isinstance(v, Mapping) and v and
-                  all(isinstance(t, torch.Tensor) for t in v.values())]
-        key = nested[0] if len(nested) == 1 else key
-    sd, used, _ = read_state_dict(obj, key)
-    if weights == "model" and used != "model" and "model" in obj:
-        raise CheckpointError(f"{path}: its 'model' entry holds no weights")
-    bad = first_non_finite(sd)
-    if bad is not None:  # a diverged model scores at chance: an error, not a number
-        raise CheckpointError(f"{path}: weight {bad} ({used or 'state dict'}) is NaN/inf: this checkpoint comes from "
-                              f"a diverged run; evaluate an earlier one")
-    config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
-    return sd, config, used, has_ema
-
-
-@functools.lru_cache(maxsize=1)
-def _variant_signatures() -> dict[str, tuple[dict[str, tuple], str]]:
-    """name -> (parameter shapes without the head, arch as JSON) of every registered FocalNet (meta device)."""
-    out = {}
-    with torch.device("meta"):
-        for name in focalnet.list_models("focalnet_*"):
-            m = focalnet.create_model(name)
-            shapes = {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.startswith("head.")}
-            out[name] = (shapes, json.dumps(m.arch, sort_keys=True, default=str))
-    return out
-
-
-def detect_focalnet_variant(sd: Mapping[str, torch.Tensor]) -> str:
-    """The registered FocalNet whose parameter names and shapes (head aside) equal an official-layout state dict.
-
-    The released isotropic checkpoints with the old ``modulation.ln`` meaning are matched with those keys
-    ignored (``load_checkpoint`` adapts the blocks). Variants are built once per process, on the meta device.
-    """
-    def strip(shapes: Mapping[str, tuple], drop_mod_ln: bool) -> dict:
-        return {k: v for k, v in shapes.items() if not (drop_mod_ln and ".modulation.ln." in k)}
-
-    signatures = _variant_signatures()
-    mine = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith("head.")}
-    for drop in (False, True):
-        want = strip(mine, drop)
-        found = [n for n, (shapes, _) in signatures.items() if strip(shapes, drop) == want]
-        if found:
-            if len({signatures[n][1] for n in found}) > 1:
-                raise CheckpointError(f"the weights fit several FocalNet variants with different behaviour ({found});"
-                                      f" pass model=NAME")
-            return min(found, key=len)  # aliases (focalnet_tiny = focalnet_tiny_lrf): the shortest name
-    raise CheckpointError("the weights match no registered FocalNet variant; pass model=NAME (and model.kwargs for "
-                          "non-default architecture options)")
-
-
 def _head_weight_name(model: nn.Module) -> str | None:
     head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
     weight = getattr(head, "weight", None)
@@ -194,26 +136,26 @@ def _head_weight_name(model: nn.Module) -> str | None:
 def build_eval_model(cfg: dict, num_classes: int, *, load_weights: bool = True) -> tuple[nn.Module, dict]:
     """Model for ``cfg`` with a ``num_classes``-way head, loaded from ``cfg['checkpoint']``; plus a report."""
     report: dict = {}
-    sd, stored, used, has_ema = (None, None, None, False)
-    if cfg.get("checkpoint"):
-        sd, stored, used, has_ema = read_checkpoint(cfg["checkpoint"], cfg["weights"])
-        report.update(checkpoint=str(cfg["checkpoint"]), weights=used or "state_dict", ema_available=has_ema,
-                      format="timm" if is_timm_format(sd) else "official")
-    official_sd = convert_timm_to_official(sd) if sd is not None and is_timm_format(sd) else sd
+    weights, official_sd, stored = None, None, None
+    if cfg.get("checkpoint") is not None:
+        variant = cfg["model"]["name"] if "model" in cfg else None
+        weights = read_weights(cfg["checkpoint"], cfg["weights"], variant=variant, torch_load=load_file)
+        bad = first_non_finite(weights.state_dict)
+        if bad is not None:  # a diverged model scores at chance: an error, not a number
+            raise CheckpointError(f"{weights.source}: weight {bad} ({weights.key or 'state dict'}) is NaN/inf: this "
+                                  f"checkpoint comes from a diverged run; evaluate an earlier one")
+        official_sd, stored = weights.official(), weights.train_config
+        report.update(checkpoint=weights.source, weights=weights.key or "state_dict", ema_available=weights.has_ema,
+                      format=weights.format)
 
-    if "model" in cfg:  # model=NAME on the command line wins
-        model_cfg, source = dict(cfg["model"]), "model=" + cfg["model"]["name"]
-    elif stored is not None and isinstance(stored.get("model"), Mapping):
-        model_cfg, source = dict(stored["model"]), "checkpoint config"
+    model_cfg, source = model_config_for(weights, cfg.get("model")) if weights is not None else (
+        dict(cfg["model"]), "model=" + cfg["model"]["name"])
+    if source == "checkpoint config":
         _warn_on_transform_change(stored, cfg)
-    else:
-        name = detect_focalnet_variant(official_sd)
-        model_cfg = {"name": name, "library": "focalnet", "drop_path_rate": 0.0, "kwargs": {}}
-        source = "detected from the weights"
     model_cfg.update(num_classes=num_classes, drop_path_rate=0.0, grad_checkpointing=False)
     model = build_model(model_cfg)
     report.update(model=model_cfg["name"], model_source=source, num_params=sum(p.numel() for p in model.parameters()))
-    if sd is None or not load_weights:
+    if weights is None or not load_weights:
         return model, report
 
     head_name = _head_weight_name(model)
@@ -226,8 +168,7 @@ def build_eval_model(cfg: dict, num_classes: int, *, load_weights: bool = True) 
         raise CheckpointError(f"the checkpoint's head has {ckpt_classes} classes but the eval set has {num_classes}: "
                               f"evaluate it on a {ckpt_classes}-class set (data.num_classes), or fine-tune it "
                               f"(trainer.init_from=...) first")
-    result = focalnet.load_checkpoint(model, sd, head=head)
-    result.source = str(cfg["checkpoint"]) + (f"[{used!r}]" if used else "")
+    result = focalnet.load_checkpoint(model, weights, head=head)
     report.update(head=result.head, checkpoint_classes=ckpt_classes, load_report=str(result))
     return model, report
 

@@ -38,7 +38,7 @@ LOCK_NAME = "run.lock"
 # logged, where it writes, how fast and on what it runs, how often it evaluates and checkpoints.
 HARMLESS_KEYS = (
     "logger", "paths",
-    "trainer.resume", "trainer.resume_allow_changes", "trainer.init_from", "trainer.init_head",
+    "trainer.resume", "trainer.resume_allow_changes", "trainer.init_from", "trainer.init_head", "model.pretrained",
     "trainer.ckpt_every_steps", "trainer.save_epoch_ckpts", "trainer.eval_every", "trainer.log_every",
     "trainer.device", "trainer.compile", "trainer.channels_last", "trainer.grad_checkpointing",
     "trainer.max_nonfinite_updates", "trainer.check_every_s", "trainer.async_save", "trainer.ddp_static_graph",

@@ -1,9 +1,9 @@
 """``train(cfg)``: set up a run from the config, train with periodic validation and checkpoints, resume exactly.
 
 Order of work: validate the config -> join the process group -> lock the run directory and choose (and check)
-the checkpoint to resume -> data -> model (seeded identically on every rank; + init_from / resume state) -> EMA
--> DDP -> torch.compile -> loggers -> per-rank seeds (seed + rank), or the checkpoint's RNG states on resume ->
-epochs.
+the checkpoint to resume -> data -> model (seeded identically on every rank; + model.pretrained / init_from /
+resume state) -> EMA -> DDP -> torch.compile -> loggers -> per-rank seeds (seed + rank), or the checkpoint's RNG
+states on resume -> epochs.
 
 Host checks: a training update never waits for the device. The loop reads values back (loss, gradient norm,
 the skipped-update counters) and the ranks agree on stop signals only at host checks: every log and checkpoint
@@ -60,6 +60,7 @@ from focalnet.engine.build import (
     build_optimizer,
     build_scheduler,
     init_weights_from,
+    pretrained_source,
 )
 from focalnet.engine.checkpointing import (
     CheckpointWriteError,
@@ -76,6 +77,7 @@ from focalnet.engine.loggers import RunLogger, provenance, record_launch, redact
 from focalnet.engine.loop import TrainState, train_one_epoch, validate
 from focalnet.engine.rundir import TOTAL_BATCH, RunDirLock, check_resume_config
 from focalnet.models.checkpoint import CheckpointError
+from focalnet.models.sources import resolve
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +223,20 @@ class TrainRun:
 
         # Model, optimizer, schedule, loss. The derived LRs are computed and logged in exactly one place.
         seed_everything(t["seed"])  # same initial weights on every rank (DDP's broadcast is then a no-op)
-        model = build_model(cfg["model"])
-        if t["init_from"]:
-            init_weights_from(model, t["init_from"], t["init_head"], seed=t["seed"])
+        model = build_model(cfg["model"], timm_pretrained=True)
+        source = t["init_from"] or (pretrained_source(cfg["model"]) if cfg["model"]["library"] == "focalnet" else None)
+        if source is not None:
+            if info.distributed:  # rank 0 downloads into the shared caches first; the others then read them
+                problem = None
+                if info.rank == 0:
+                    try:
+                        resolve(source, variant=cfg["model"]["name"])
+                    except CheckpointError as e:
+                        problem = str(e)
+                problem = D.broadcast_object(problem)  # every rank stops with the message, none waits forever
+                if problem:
+                    raise CheckpointError(problem)
+            init_weights_from(model, source, t["init_head"], seed=t["seed"])
         model.to(self.device)
         if t["channels_last"]:
             model.to(memory_format=torch.channels_last)

@@ -1,38 +1,51 @@
 """Load FocalNet weights from any of their formats, safely, with actionable errors.
 
-Accepted inputs (a path or an already-loaded object):
+Accepted inputs: a SOURCE (``focalnet.models.sources``: a file, a directory in transformers/timm hub layout,
+``hf-hub:ORG/REPO[@REV]``, a URL, ``true``/a tag), or an already-loaded object. What it holds:
 - official microsoft/FocalNet ``.pth``: ``{"model": state_dict, ...}`` or a bare state dict;
 - our run checkpoints: ``{"model": ..., "ema": ..., "optimizer": ...}`` (``key="model"`` or ``key="ema"``);
 - timm FocalNet state dicts (``stem.*``, ``layers.{i+1}.downsample``, ``ls1.gamma``, 1x1-conv weights):
   detected and converted to the official names/shapes (``convert_timm_to_official``);
+- transformers ``FocalNetForImageClassification`` state dicts (``focalnet.embeddings.*``,
+  ``focalnet.encoder.stages.i.layers.j.modulation.projection_in``, ``classifier``): converted
+  (``convert_transformers_to_official``); their ``config.json`` must describe the model being loaded;
 - the released isotropic checkpoint whose ``modulation.ln`` keys carry the OLD meaning (LayerNorm inside the
   modulation, blocks pre-LN; microsoft/FocalNet issue #23): detected, and the model's blocks are switched to
   that architecture before loading.
 
-Files are always read with ``torch.load(..., weights_only=True)``: a pickle that would run code is refused.
+Files are read with safetensors or ``torch.load(..., weights_only=True)``: a pickle that would run code is refused.
 The classifier head can be kept strict, re-initialized, or sliced from the 21842-way ImageNet-22K layout
 (``timm.data.ImageNetInfo("imagenet22k_ms")``: indices 0..999 are ImageNet-1K in 1K order) to 1000 classes.
 """
 
 from __future__ import annotations
 
-import os
+import functools
+import json
 import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from focalnet.models.sources import CheckpointError, resolve
+
 __all__ = [
     "CheckpointError",
     "LoadReport",
+    "Weights",
     "load_checkpoint",
-    "read_state_dict",
+    "read_weights",
     "convert_official_to_timm",
     "convert_timm_to_official",
+    "convert_official_to_transformers",
+    "convert_transformers_to_official",
+    "detect_focalnet_variant",
     "infer_focalnet_config",
+    "transformers_config_arch",
 ]
 
 HEAD_MODES = ("strict", "reinit", "slice_22k_to_1k", "auto")
@@ -42,17 +55,13 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 _LINEAR_AS_CONV = re.compile(r"\.(modulation\.(f|proj)|mlp\.fc[12])\.weight$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be loaded; the message says why and what to do."""
-
-
 @dataclass
 class LoadReport:
     """What ``load_checkpoint`` did. ``str(report)`` is a one-paragraph summary for logs."""
 
     source: str = "state_dict"
     key: str | None = None
-    format: str = "official"  # official | timm
+    format: str = "official"  # official | timm | transformers
     head: str = "loaded"  # loaded | reinit | sliced 21842->1000 | absent
     notes: list[str] = field(default_factory=list)
     missing_keys: list[str] = field(default_factory=list)
@@ -76,41 +85,101 @@ def _preview(keys: list[str], n: int = 8) -> str:
 # ---- reading ------------------------------------------------------------------------------------------------
 
 
-def read_state_dict(path_or_obj, key: str = "model") -> tuple[dict[str, torch.Tensor], str | None, str]:
-    """Return ``(state_dict, key_used, source)`` from a path or a loaded object (weights_only=True)."""
-    source = "state_dict"
-    obj = path_or_obj
-    if isinstance(obj, (str, os.PathLike)):
-        source = os.fspath(obj)
-        if not os.path.isfile(source):
-            raise CheckpointError(f"checkpoint file not found: {source}")
-        try:
-            obj = torch.load(source, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"refusing to load {source}: it is not a plain tensor checkpoint (torch.load with "
-                f"weights_only=True rejected it, so none of its code ran). Only load files you trust; "
-                f"re-save trusted ones as a state dict. Detail: {str(e).splitlines()[0]}"
-            ) from e
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source}: expected a dict, got {type(obj).__name__}")
+@dataclass
+class Weights:
+    """A state dict as a SOURCE holds it (names of its ``format``), with what came along with it."""
 
-    used = None
-    if key in obj and isinstance(obj[key], Mapping):
-        obj, used = obj[key], key
-    elif not _is_state_dict(obj):
-        nested = [k for k, v in obj.items() if isinstance(v, Mapping) and _is_state_dict(v)]
+    state_dict: dict[str, torch.Tensor]
+    format: str = "official"  # official | timm | transformers
+    source: str = "state_dict"
+    key: str | None = None  # the entry of a checkpoint dict that was used ("model", "ema", ...)
+    has_ema: bool = False
+    train_config: dict | None = None  # the resolved config our run checkpoints store
+    hub_config: dict | None = None  # config.json beside hub-layout weights (transformers or timm)
+
+    def official(self) -> dict[str, torch.Tensor]:
+        """The state dict under the official microsoft/FocalNet names and shapes."""
+        if self.format == "timm":
+            return convert_timm_to_official(self.state_dict)
+        if self.format == "transformers":
+            return convert_transformers_to_official(self.state_dict)
+        return self.state_dict
+
+    @property
+    def arch(self) -> dict | None:
+        """FocalNet constructor flags a transformers ``config.json`` states (None without one)."""
+        if self.hub_config is not None and self.hub_config.get("model_type"):
+            return transformers_config_arch(self.hub_config, self.source)
+        return None
+
+
+def _load_file(path: Path, torch_load=None):
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if torch_load is not None:
+        return torch_load(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{source}: no {key!r} entry and not a bare state dict; entries holding weights: {nested} "
-            f"(pass key=... to choose one)"
-        )
-    if used == "ema" and "module" in obj and isinstance(obj["module"], Mapping):
-        obj = obj["module"]  # a saved EMA wrapper's own state dict
+            f"refusing to load {path}: it is not a plain tensor checkpoint (torch.load with "
+            f"weights_only=True rejected it, so none of its code ran). Only load files you trust; "
+            f"re-save trusted ones as a state dict. Detail: {str(e).splitlines()[0]}"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).strip().splitlines()[0]})") from None
+
+
+def read_weights(source, key: str = "model", *, variant: str | None = None, torch_load=None) -> Weights:
+    """Read a SOURCE (or an already-loaded dict) into :class:`Weights`; nothing is converted yet.
+
+    ``key``: the entry of a checkpoint dict to use: ``"model"``, ``"ema"`` (our EMA weights; an error if absent),
+    or ``"auto"`` (``model``, else the one entry holding weights, else a bare state dict). Bare state dicts
+    (official, timm, transformers files) are used as they are. ``variant`` gives meaning to ``true``/tags.
+    ``torch_load(path)`` reads torch files instead of ``torch.load(weights_only=True)`` (the engine passes its
+    checksum-verifying ``load_file``).
+    """
+    hub_config = None
+    if isinstance(source, Mapping):
+        obj, label = source, "state_dict"
+    else:
+        found = resolve(source, variant=variant)
+        obj, label, hub_config = _load_file(found.weights, torch_load), found.source, found.config
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{label}: expected a dict, got {type(obj).__name__}")
+
+    top = obj
+    has_ema = isinstance(obj.get("ema"), Mapping)
+    if key == "ema" and not has_ema:
+        raise CheckpointError(f"weights=ema but {label} has no EMA weights (trained with trainer.ema_decay=null, or "
+                              f"not one of our checkpoints); use weights=model")
+    nested = [k for k, v in obj.items() if isinstance(v, Mapping) and _is_state_dict(v)]
+    if key == "auto":
+        key = "model" if "model" in obj else (nested[0] if len(nested) == 1 else "model")
+    used = None
+    if isinstance(obj.get(key), Mapping):
+        obj, used = obj[key], key
+        if used == "ema" and isinstance(obj.get("module"), Mapping):
+            obj = obj["module"]  # a saved EMA wrapper's own state dict
+    elif key in obj:
+        raise CheckpointError(f"{label}: its {key!r} entry holds no weights")
+    elif not _is_state_dict(obj):
+        raise CheckpointError(f"{label}: no {key!r} entry and not a bare state dict; entries holding weights: "
+                              f"{nested} (pass key=... to choose one)")
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError(f"{label}: holds no tensors")
     for prefix in _WRAPPER_PREFIXES:
-        if sd and all(k.startswith(prefix) for k in sd):
+        if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    return sd, used, source
+    train_config = top.get("config") if isinstance(top.get("config"), Mapping) else None
+    return Weights(sd, detect_format(sd), label, used, has_ema, train_config, hub_config)
 
 
 def _is_state_dict(obj: Mapping) -> bool:
@@ -168,6 +237,132 @@ def convert_timm_to_official(sd: Mapping[str, torch.Tensor]) -> dict:
     return out
 
 
+# transformers' FocalNetForImageClassification names (transformers models/focalnet/modeling_focalnet.py; the same
+# mapping as its convert_focalnet_to_hf_format.py): the official tensors under other names, same shapes.
+# (official regex, transformers replacement) for the inner names; the model's own prefix is `focalnet.`.
+_TRANSFORMERS_NAMES = [
+    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
+    (r"^patch_embed\.norm\.", "embeddings.norm."),
+    (r"^layers\.(\d+)\.blocks\.", r"encoder.stages.\1.layers."),
+    (r"^layers\.(\d+)\.downsample\.proj\.", r"encoder.stages.\1.downsample.projection."),
+    (r"^layers\.(\d+)\.downsample\.norm\.", r"encoder.stages.\1.downsample.norm."),
+    (r"\.modulation\.f\.", ".modulation.projection_in."),
+    (r"\.modulation\.h\.", ".modulation.projection_context."),
+    (r"\.modulation\.proj\.", ".modulation.projection_out."),
+    (r"\.modulation\.ln\.", ".modulation.layernorm."),
+    (r"^norm\.", "layernorm."),
+]
+_TRANSFORMERS_BACK = [
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^embeddings\.norm\.", "patch_embed.norm."),
+    (r"^encoder\.stages\.(\d+)\.layers\.", r"layers.\1.blocks."),
+    (r"^encoder\.stages\.(\d+)\.downsample\.projection\.", r"layers.\1.downsample.proj."),
+    (r"^encoder\.stages\.(\d+)\.downsample\.norm\.", r"layers.\1.downsample.norm."),
+    (r"\.modulation\.projection_in\.", ".modulation.f."),
+    (r"\.modulation\.projection_context\.", ".modulation.h."),
+    (r"\.modulation\.projection_out\.", ".modulation.proj."),
+    (r"\.modulation\.layernorm\.", ".modulation.ln."),
+    (r"^layernorm\.", "norm."),
+]
+
+
+def is_transformers_format(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("focalnet.embeddings.", "classifier.", "embeddings.patch_embeddings.")) for k in sd)
+
+
+def detect_format(sd: Mapping[str, torch.Tensor]) -> str:
+    """``transformers``, ``timm`` or ``official`` (our run checkpoints use the official names)."""
+    if is_transformers_format(sd):
+        return "transformers"
+    return "timm" if is_timm_format(sd) else "official"
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def convert_official_to_transformers(sd: Mapping[str, torch.Tensor]) -> dict:
+    """Official names -> ``FocalNetForImageClassification`` names (``head`` -> ``classifier``)."""
+    return {(f"classifier.{k[5:]}" if k.startswith("head.") else "focalnet." + _rename(k, _TRANSFORMERS_NAMES)): v
+            for k, v in sd.items()}
+
+
+def convert_transformers_to_official(sd: Mapping[str, torch.Tensor]) -> dict:
+    """``FocalNetForImageClassification`` (or bare ``FocalNetModel``) names -> official names (exact inverse)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("classifier."):
+            out["head." + k[len("classifier."):]] = v
+        else:
+            out[_rename(k.removeprefix("focalnet."), _TRANSFORMERS_BACK)] = v
+    return out
+
+
+# FocalNetConfig's defaults (transformers models/focalnet/configuration_focalnet.py): save_pretrained writes only
+# the values that differ from them.
+_HF_DEFAULTS = dict(embed_dim=96, depths=[2, 2, 6, 2], focal_levels=[2, 2, 2, 2], focal_windows=[3, 3, 3, 3],
+                    patch_size=4, use_conv_embed=False, use_layerscale=False, use_post_layernorm=False,
+                    use_post_layernorm_in_modulation=False, normalize_modulator=False, mlp_ratio=4.0,
+                    hidden_act="gelu", layer_norm_eps=1e-5, num_channels=3)  # fmt: skip
+# Our FocalNet constructor flags <- FocalNetConfig fields.
+_ARCH_FROM_HF = dict(patch_size="patch_size", embed_dim="embed_dim", depths="depths", focal_levels="focal_levels",
+                     focal_windows="focal_windows", use_conv_embed="use_conv_embed", use_layerscale="use_layerscale",
+                     use_postln="use_post_layernorm", use_postln_in_modulation="use_post_layernorm_in_modulation",
+                     normalize_modulator="normalize_modulator")  # fmt: skip
+
+
+def transformers_config_arch(config: Mapping, source: str = "config.json") -> dict:
+    """Our FocalNet constructor flags from a transformers FocalNet ``config.json`` (an error if it is none)."""
+    if config.get("model_type") != "focalnet":
+        raise CheckpointError(f"{source}: config.json has model_type={config.get('model_type')!r}, not a FocalNet")
+    c = {**_HF_DEFAULTS, **config}
+    fixed = {k: c[k] for k in ("mlp_ratio", "hidden_act", "layer_norm_eps", "num_channels")}
+    if fixed != {k: _HF_DEFAULTS[k] for k in fixed}:
+        raise CheckpointError(f"{source}: config.json sets {fixed}; FocalNets here use mlp_ratio 4, exact GELU, "
+                              f"LayerNorm eps 1e-5 and 3 input channels")
+    arch = {ours: c[theirs] for ours, theirs in _ARCH_FROM_HF.items()}
+    for k in ("depths", "focal_levels", "focal_windows"):
+        arch[k] = tuple(arch[k])
+    if isinstance(arch["patch_size"], list | tuple):
+        arch["patch_size"] = arch["patch_size"][0]
+    return arch
+
+
+def transformers_config(arch: Mapping, num_classes: int) -> dict:
+    """A transformers ``FocalNetConfig`` (as the JSON ``save_pretrained`` writes) for one of our FocalNets."""
+    n = len(arch["depths"])
+    config = {"architectures": ["FocalNetForImageClassification"], "model_type": "focalnet",
+              **{theirs: arch[ours] for ours, theirs in _ARCH_FROM_HF.items()},
+              "layerscale_value": 1e-4, "mlp_ratio": 4.0, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
+              "num_channels": 3, "image_size": 224, "drop_path_rate": 0.0, "hidden_dropout_prob": 0.0,
+              "hidden_sizes": [arch["embed_dim"] * 2 ** min(i + 1, n - 1) for i in range(n)]}  # fmt: skip
+    for k in ("depths", "focal_levels", "focal_windows"):
+        config[k] = list(config[k])
+    labels = _label_names(num_classes)
+    config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+    config["label2id"] = {name: i for i, name in enumerate(labels)}
+    return config
+
+
+def _label_names(num_classes: int) -> list[str]:
+    """ImageNet-1K / FocalNet's ImageNet-22K class names (timm ships both) or LABEL_i, unique as label2id needs."""
+    layout = {IN1K_CLASSES: "imagenet-1k", IN22K_CLASSES: "imagenet22k_ms"}.get(num_classes)
+    if layout is None:
+        return [f"LABEL_{i}" for i in range(num_classes)]
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo(layout)
+    names = [info.index_to_description(i) for i in range(num_classes)]
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):  # a few ImageNet descriptions repeat (e.g. "crane"): add the synset id
+        if n in seen:
+            names[i] = f"{n} ({info.index_to_label_name(i)})"
+        seen[names[i]] = i
+    return names
+
+
 def infer_focalnet_config(sd: Mapping[str, torch.Tensor]) -> dict:
     """Guess FocalNet constructor arguments from an official-format state dict (for error messages)."""
     stem = sd["patch_embed.proj.weight"]  # (C, 3, k, k)
@@ -190,6 +385,74 @@ def infer_focalnet_config(sd: Mapping[str, torch.Tensor]) -> dict:
     if "head.weight" in sd:
         cfg["num_classes"] = sd["head.weight"].shape[0]
     return cfg
+
+
+@functools.lru_cache(maxsize=1)
+def _variant_signatures() -> dict[str, tuple[dict[str, tuple], str]]:
+    """name -> (parameter shapes without the head, arch as JSON) of every registered FocalNet (meta device)."""
+    from focalnet.models.registry import create_model, list_models
+
+    out = {}
+    with torch.device("meta"):
+        for name in list_models("focalnet_*"):
+            m = create_model(name)
+            shapes = {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.startswith("head.")}
+            out[name] = (shapes, json.dumps(m.arch, sort_keys=True, default=str))
+    return out
+
+
+def detect_focalnet_variant(sd: Mapping[str, torch.Tensor], arch: Mapping | None = None) -> str:
+    """The registered FocalNet whose parameter names and shapes (head aside) equal an official-layout state dict.
+
+    With ``arch`` (flags a transformers config.json states), a variant with exactly those flags is preferred.
+    The released isotropic checkpoints with the old ``modulation.ln`` meaning are matched with those keys
+    ignored (``load_checkpoint`` adapts the blocks). Variants are built once per process, on the meta device.
+    """
+    def strip(shapes: Mapping[str, tuple], drop_mod_ln: bool) -> dict:
+        return {k: v for k, v in shapes.items() if not (drop_mod_ln and ".modulation.ln." in k)}
+
+    signatures = _variant_signatures()
+    mine = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith("head.")}
+    for drop in (False, True):
+        want = strip(mine, drop)
+        found = [n for n, (shapes, _) in signatures.items() if strip(shapes, drop) == want]
+        if arch is not None:
+            exact = [n for n in found if json.loads(signatures[n][1]) == json.loads(json.dumps(dict(arch), default=str))]
+            found = exact or found
+        if found:
+            if len({signatures[n][1] for n in found}) > 1:
+                raise CheckpointError(f"the weights fit several FocalNet variants with different behaviour ({found});"
+                                      f" pass model=NAME")
+            return min(found, key=len)  # aliases (focalnet_tiny = focalnet_tiny_lrf): the shortest name
+    raise CheckpointError("the weights match no registered FocalNet variant; pass model=NAME (and model.kwargs for "
+                          "non-default architecture options)")
+
+
+@functools.cache
+def variant_arch(name: str) -> dict:
+    """The architecture flags of a registered FocalNet variant (built on the meta device)."""
+    from focalnet.models.registry import create_model
+
+    with torch.device("meta"):
+        return dict(create_model(name).arch)
+
+
+def model_config_for(weights: Weights, model_cfg: Mapping | None = None) -> tuple[dict, str]:
+    """The ``model`` config group that fits ``weights``, and how it was chosen: ``model_cfg`` when given, else
+    the config our run checkpoints store, else the registered FocalNet with these parameter names and shapes
+    (flags a transformers config.json states become ``kwargs``; the class count is the head's rows)."""
+    if model_cfg is not None:
+        return dict(model_cfg), "model=" + model_cfg["name"]
+    stored = weights.train_config
+    if stored is not None and isinstance(stored.get("model"), Mapping):
+        return dict(stored["model"]), "checkpoint config"
+    sd, arch = weights.official(), weights.arch
+    name = detect_focalnet_variant(sd, arch)
+    kwargs = {k: v for k, v in (arch or {}).items() if v != variant_arch(name)[k]}
+    head = sd.get("head.weight")
+    cfg = {"name": name, "library": "focalnet", "drop_path_rate": 0.0, "kwargs": kwargs,
+           "num_classes": head.shape[0] if head is not None else 0}
+    return cfg, "detected from the weights" + (" and config.json" if arch else "")
 
 
 # ---- loading --------------------------------------------------------------------------------------------------
@@ -223,7 +486,7 @@ def _adopt_legacy_modulation_ln(model: nn.Module) -> int:
 
 def load_checkpoint(
     model: nn.Module,
-    path_or_state_dict,
+    source,
     *,
     key: str = "model",
     head: str = "strict",
@@ -232,8 +495,9 @@ def load_checkpoint(
     """Load weights into ``model`` (in place) and return a :class:`LoadReport`.
 
     Args:
-        path_or_state_dict: a file path, a checkpoint dict, or a state dict.
-        key: entry of a checkpoint dict to use (``"model"``, ``"ema"``); ignored for bare state dicts.
+        source: a SOURCE (``focalnet.models.sources``: file, directory, ``hf-hub:...``, URL, ``true``/tag for
+            the model's published weights), a checkpoint dict, a state dict, or :class:`Weights`.
+        key: entry of a checkpoint dict to use (``"model"``, ``"ema"``, ``"auto"``); ignored for bare state dicts.
         head: ``"strict"`` (class counts must match), ``"reinit"`` (drop the checkpoint's head, fresh init),
             ``"slice_22k_to_1k"`` (take rows 0..999 of a 21842-way head), ``"auto"`` (match -> load,
             21842->1000 -> slice, otherwise reinit).
@@ -241,14 +505,17 @@ def load_checkpoint(
     """
     if head not in HEAD_MODES:
         raise ValueError(f"head must be one of {HEAD_MODES}, got {head!r}")
-    sd, used_key, source = read_state_dict(path_or_state_dict, key)
-    report = LoadReport(source=source, key=used_key)
+    weights = source if isinstance(source, Weights) else read_weights(source, key, variant=model_name(model))
+    sd = weights.state_dict
+    report = LoadReport(source=weights.source, key=weights.key)
     own = model.state_dict()
 
-    # 1. timm names/shapes -> official ones (our model uses the official layout).
-    if is_timm_format(sd) and not is_timm_format(own):
-        sd = convert_timm_to_official(sd)
-        report.format = "timm"
+    # 1. timm / transformers names and shapes -> the official ones our models use; a transformers config.json
+    #    must describe this model (post-LN and normalize_modulator leave no trace in the names).
+    if weights.format == "transformers" or (weights.format == "timm" and not is_timm_format(own)):
+        check_arch(model, weights)
+        sd = weights.official()
+        report.format = weights.format
 
     # 2. Old isotropic checkpoints: `modulation.ln` meant the LayerNorm inside the modulation while the model
     #    built with today's flags expects block post-LN and no modulation LayerNorm.
@@ -326,6 +593,36 @@ def load_checkpoint(
 
     model.load_state_dict(sd, strict=False)
     return report
+
+
+def model_name(model: nn.Module) -> str | None:
+    """The registered name a model was built under (``create_model`` records it), for ``true``/tag sources."""
+    return (getattr(model, "default_cfg", None) or {}).get("architecture")
+
+
+def check_arch(model: nn.Module, weights: Weights) -> None:
+    """A transformers ``config.json`` that describes another FocalNet than ``model``: one error naming both."""
+    arch = weights.arch
+    if arch is None:
+        return
+    own = getattr(model, "arch", None)
+    if own is None:
+        raise CheckpointError(f"{weights.source}: transformers FocalNet weights cannot load into "
+                              f"{type(model).__name__}")
+    diff = {k: v for k, v in arch.items() if k in own and own[k] != v}
+    if diff:
+        want = json.loads(json.dumps(arch, default=str))
+        hint = max((n for n, (_, a) in _variant_signatures().items() if json.loads(a) == want), key=len,
+                   default=None)  # focalnet_tiny_lrf rather than its alias focalnet_tiny
+        raise CheckpointError(
+            f"{weights.source}: its config.json describes a FocalNet with {_fmt(diff)}, but the model "
+            f"({model_name(model) or type(model).__name__}) has {_fmt({k: own[k] for k in diff})}; "
+            + (f"those weights are {hint}: build that model" if hint else "build a model with those settings")
+        )
+
+
+def _fmt(d: Mapping) -> str:
+    return ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in d.items())
 
 
 def _mismatch_message(model, sd, report: LoadReport, mismatched: list[str], source: str, head_problem) -> str:

@@ -536,6 +536,8 @@ class FocalNet(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         # Official init: Linear trunc_normal(.02)/zero bias, LayerNorm 1/0, convs keep PyTorch's default.
+        if getattr(m, "weight", None) is not None and m.weight.is_meta:
+            return  # a meta-device model (shapes only) has no values to draw
         if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
@@ -658,13 +660,7 @@ for _size in ("tiny", "small", "base"):
     _CONFIGS[f"focalnet_{_size}"] = _CONFIGS[f"focalnet_{_size}_lrf"]
 
 def _create(name: str, overrides: dict) -> FocalNet:
-    """Build a variant; ``overrides`` replace its defaults (``checkpoint_path`` loads weights after)."""
-    checkpoint_path = overrides.pop("checkpoint_path", None)
-    if overrides.pop("pretrained", False):
-        raise ValueError(
-            f"{name}: no weights are downloaded (the official links are dead); download a .pth yourself and "
-            f"pass checkpoint_path=... or call focalnet.load_checkpoint(model, path)"
-        )
+    """Build a variant; ``overrides`` replace its defaults (weights: ``create_model(name, pretrained=...)``)."""
     kwargs = dict(_CONFIGS[name])
     kwargs.update(overrides)
     # Per-stage lists given as a scalar (e.g. focal_levels=3) apply to every stage.
@@ -672,13 +668,7 @@ def _create(name: str, overrides: dict) -> FocalNet:
     for key in ("focal_levels", "focal_windows"):
         if isinstance(kwargs.get(key), int):
             kwargs[key] = (kwargs[key],) * n
-    model = FocalNet(**kwargs)
-    model.default_cfg = dict(architecture=name)
-    if checkpoint_path is not None:
-        from focalnet.models.checkpoint import load_checkpoint
-
-        load_checkpoint(model, checkpoint_path, head="auto")
-    return model
+    return FocalNet(**kwargs)
 
 
 def _make_constructor(name: str):
