@@ -2,7 +2,7 @@
 
 * ``srun python train.py`` without torchrun: tasks started with SLURM's environment (as srun sets it) form one job
   (ranks, world size, rendezvous on the first node); an srun environment that does not tell the ranks is refused
-  in one line; submitit tasks get ``LOCAL_WORLD_SIZE``.
+  in one line (in process: it is the first thing train.py does); submitit tasks get ``LOCAL_WORLD_SIZE``.
 * resume agreement: rank 0 picks the checkpoint and every rank checks that it reads the same one (step and
   checksum); a rank that reads another file, or none, stops the whole job with one line naming its host. Each
   task runs in its own working directory and ``checkpoints/last.pt`` is a symbolic link to
@@ -100,17 +100,23 @@ def test_srun_tasks_form_one_job_and_refuse_a_checkpoint_the_ranks_do_not_share(
     # (Ranks that agree resume: tests/test_multinode.py and tests/test_slurm_requeue.py relaunch 2-rank jobs.)
 
 
-@pytest.mark.slow
-def test_an_srun_environment_without_ranks_is_refused_in_one_line(tmp_path):
-    _, job_id = free_port_for_job_id()
-    env = srun_env(0, 2, job_id)
+def test_an_srun_environment_without_ranks_is_refused_in_one_line(monkeypatch, capsys):
+    """What train.py and eval.py run first (``adopt_launch_env(exit_on_error=True)``, before Hydra): exit 2, one
+    line, no traceback."""
+    from focalnet.engine import distributed as D
+
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_"))] + list(LAUNCH_VARS):
+        monkeypatch.delenv(k, raising=False)
+    env = srun_env(0, 2, free_port_for_job_id()[1])
     del env["SLURM_PROCID"]
-    proc = subprocess.run([PYTHON, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    (line,) = proc.stderr.strip().splitlines()
+    for k, v in env.items():
+        if k.startswith("SLURM_"):
+            monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        D.adopt_launch_env(exit_on_error=True)
+    assert e.value.code == 2 and "RANK" not in os.environ
+    (line,) = capsys.readouterr().err.strip().splitlines()
     assert "srun started 2 tasks but SLURM_PROCID is not set" in line and "srun --ntasks-per-node=GPUS" in line
-    assert not (tmp_path / "run").exists()
 
 
 def test_launch_variables_from_srun_and_submitit(monkeypatch):
