@@ -10,7 +10,8 @@
   ``Tensor.tolist``/``cpu``/``numpy`` and the ``torch.distributed`` collectives): 0 in every update that is not
   a host check, for fp32, bf16 and fp16 (fused AdamW, its ``found_inf`` skip), with accumulation, EMA, mixup and
   erasing.
-* a non-finite update is never applied, and divergence still stops the run at the next check.
+* a stop signal is answered at the next host check (trainer.check_every_s); a non-finite update is never applied,
+  and divergence still stops the run at the next check.
 """
 
 from __future__ import annotations
@@ -256,6 +257,39 @@ def test_steady_state_updates_never_sync(more_images, gloo_group, monkeypatch, t
         c = per_update[s]
         assert c.get("all_reduce") == 1 and c.get("tolist", 0) >= 1, (s, c)
     assert sum(c.get("tolist", 0) + c.get("item", 0) for c in per_update.values()) < 6 * len(checks)
+
+
+@pytest.mark.parametrize("check_every_s, checks", [(0.0, [1, 2, 3, 4, 5]), (1e9, [1, 8])])
+def test_a_stop_signal_is_answered_at_the_next_host_check(compose_cfg, check_every_s, checks):
+    """A stop flag set after update 5 (as the signal handler sets it): ``trainer.check_every_s=0`` checks after every
+    update, so the run stops at 5; with checks only where they are forced (the first update, the epoch's last,
+    8), at 8. The default, 2 s, bounds the wait by about that much wall time."""
+    import signal
+
+    from focalnet.engine.checkpointing import load_file
+    from focalnet.engine.config import validate_config
+    from focalnet.engine.distributed import DistInfo
+    from focalnet.engine.trainer import TrainingPreempted, TrainRun
+
+    cfg = validate_config(compose_cfg("trainer.epochs=2", "trainer.log_every=1000", "trainer.ckpt_every_steps=null",
+                                      f"trainer.check_every_s={check_every_s}", "trainer.eval_every=0"))
+    run = TrainRun(cfg, DistInfo())  # 128 samples / 16 = 8 updates per epoch
+    seen, host_check, after_step = [], run.host_check, run.after_step
+
+    def recorded_host_check(step, *args):
+        seen.append(step)
+        return host_check(step, *args)
+
+    def signalled_after_step(state, loss, grad_norm):
+        if state.step == 5:
+            run.preempt.signum = signal.SIGUSR1
+        return after_step(state, loss, grad_norm)
+
+    run.host_check, run.after_step = recorded_host_check, signalled_after_step
+    with pytest.raises(TrainingPreempted, match=f"preempted at step {checks[-1]}"):
+        run.fit()
+    assert seen == checks
+    assert load_file(os.path.join(cfg["paths"]["output_dir"], "checkpoints", "last.pt"))["step"] == checks[-1]
 
 
 def test_a_non_finite_update_is_skipped_on_the_device_and_stops_the_run_at_the_next_check(compose_cfg):
