@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	@# torch from the local wheels first; ffcv is built against the installed numpy (no build isolation).
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q numpy cython pkgconfig
-	$(BIN)/pip install -q --no-build-isolation -e ".[ffcv,sklearn,launch,dev]"
+	$(BIN)/pip install -q --no-build-isolation -e ".[ffcv,sklearn,launch,dev,detect]"
 	@touch $(STAMP)
 
 test: install
@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_data.py
 	$(BIN)/python scripts/bench_transfer.py
+	$(BIN)/python scripts/bench_detectors.py
 
 demo: install
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)

@@ -1,13 +1,13 @@
-"""``make demo``: train FocalNet-Micro on the embedded digits, plot the curves, draw the modulation maps.
+"""``make demo``: train FocalNet-Micro on the embedded digits, then draw the modulation maps of its best weights.
 
     python scripts/demo.py                          # what `make demo` runs
     python scripts/demo.py trainer.epochs=3         # extra arguments are Hydra overrides for train.py
     python scripts/demo.py --run-dir /tmp/demo      # choose the run directory
     python scripts/demo.py --threads 4              # torch threads (default: CPU count - 1)
 
-Steps: ``train.py experiment=demo`` (digits written to ``data.root`` on first use), then
-``scripts/plot_metrics.py`` (-> ``metrics.png``) and ``scripts/visualize_modulation.py`` on validation digits
-(-> ``modulation.png``), and finally where everything is and how to upload the offline W&B run.
+Steps: ``train.py experiment=demo`` (digits written to ``data.root`` on first use; the trainer draws
+``metrics.png`` and ``inputs.png``), then ``scripts/visualize_modulation.py`` on validation digits with the best
+checkpoint (-> ``modulation.png``), and finally where everything is and how to upload the offline W&B run.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     run([py, "train.py", "experiment=demo", f"hydra.run.dir={run_dir}", *args.overrides], env=env)
     train_s = time.perf_counter() - start
-    run([py, "scripts/plot_metrics.py", str(run_dir), "-o", str(run_dir / "metrics.png")], env=env)
     run([py, "scripts/visualize_modulation.py", str(run_dir / "checkpoints" / "best.pt"), "--val",
          str(args.num_images), "-o", str(run_dir / "modulation.png")], env=env, stdout=subprocess.DEVNULL)
 
@@ -79,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  metrics        {run_dir / 'metrics.jsonl'}",
         f"  config         {run_dir / 'config.yaml'}  (resolved; provenance.json has git SHA and versions)",
         f"  curves         {run_dir / 'metrics.png'}",
+        f"  inputs         {run_dir / 'inputs.png'}  (the first augmented training batch)",
         f"  modulation     {run_dir / 'modulation.png'}",
     ]
     if wandb_runs:

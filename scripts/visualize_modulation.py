@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import focalnet  # noqa: E402
 from data.transforms import BatchFinisher, EvalSampleTransform, open_image  # noqa: E402
 from focalnet.engine.checkpointing import load_file  # noqa: E402
+from focalnet.engine.pictures import draw_modulation, record_maps, spread_over_classes  # noqa: E402
 
 
 def build_model(ckpt_path: str, model_name: str | None, num_classes: int | None, key: str):
@@ -82,89 +83,7 @@ def val_images(run_cfg: dict, count: int, data_root: str | None = None) -> list[
     from omegaconf import OmegaConf
 
     _, val, _ = dataset_samples(OmegaConf.create(dcfg))
-    by_class: dict[int, list[tuple[str, int]]] = {}
-    for path, label in val:
-        by_class.setdefault(label, []).append((path, label))
-    picked, rank = [], 0
-    while len(picked) < count and any(rank < len(v) for v in by_class.values()):
-        for label in sorted(by_class):
-            if rank < len(by_class[label]) and len(picked) < count:
-                picked.append(by_class[label][rank])
-        rank += 1
-    return picked
-
-
-@torch.no_grad()
-def record_maps(model, images: torch.Tensor, block: int):
-    """Forward ``images`` (B, 3, S, S) once; per stage the (gates (B, L+1, h, w), modulator (B, C, h, w))."""
-    chosen = [layer.blocks[block].modulation for layer in model.layers]
-    for m in chosen:
-        m.store_maps = True
-    try:
-        logits = model(images)  # (B, num_classes)
-        maps = [(m.gates.float(), m.modulator.float()) for m in chosen]
-    finally:
-        for m in chosen:  # switch off and drop the stored tensors: they pin activations otherwise
-            m.store_maps = False
-            m.gates = m.modulator = None
-    return logits.float().softmax(-1), maps
-
-
-def draw(rows, maps, probs, out: Path, class_names=None) -> Path:
-    """rows: [(uint8 (3, S, S) image, title)]; maps: per stage (gates, modulator); probs: (B, K)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = [("input", None, None)]
-    shown = [s for s, (gates, _) in enumerate(maps) if gates.shape[-1] * gates.shape[-2] > 1]
-    for s in shown:  # a 1x1 map (the last stage of a small input) has nothing spatial to show
-        gates = maps[s][0]
-        levels = gates.shape[1] - 1
-        columns.append((f"stage {s + 1}\n|m|", s, "mod"))
-        columns += [(f"stage {s + 1}\ng{lv}" if lv < levels else f"stage {s + 1}\ng_glob", s, lv)
-                    for lv in range(levels + 1)]
-    n_rows, n_cols = len(rows), len(columns)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.25 * n_cols, 1.45 * n_rows + 0.5), squeeze=False)
-    size = rows[0][0].shape[-1]
-    extent = (0, size, size, 0)
-    grey = [img.float().mean(0).numpy() / 255.0 for img, _ in rows]  # (S, S) luminance in [0, 1]
-    for r, (image, label) in enumerate(rows):
-        top = int(probs[r].argmax())
-        name = class_names[top] if class_names else str(top)
-        for c, (title, stage, what) in enumerate(columns):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=7)
-            if stage is None:
-                ax.imshow(image.permute(1, 2, 0).numpy())
-                truth = "" if label is None else f" (true {class_names[label] if class_names else label})"
-                ax.set_xlabel(f"pred {name} {100 * probs[r, top]:.0f}%{truth}", fontsize=6)
-                continue
-            gates, modulator = maps[stage]
-            if what == "mod":
-                heat = modulator[r].abs().mean(0)  # (h, w)
-                ax.imshow(heat.numpy(), cmap="inferno", extent=extent, interpolation="nearest")
-            else:
-                heat = gates[r, what]  # (h, w), raw gate values
-                lim = float(heat.abs().max()) or 1.0
-                ax.imshow(heat.numpy(), cmap="coolwarm", vmin=-lim, vmax=lim, extent=extent, interpolation="nearest")
-                ax.set_xlabel(f"±{lim:.2g}", fontsize=5, labelpad=1)
-            # The outline of the input's dark strokes, to relate map cells to the object.
-            ax.contour(grey[r], levels=[0.5], colors="lime", linewidths=0.5, origin="upper",
-                       extent=(0, size, 0, size))
-    hidden = [str(s + 1) for s in range(len(maps)) if s not in shown]
-    fig.suptitle("FocalNet modulator magnitude |m| (inferno) and focal-level gates g (blue < 0 < red), last block "
-                 "of each stage; green: outline of the input's dark strokes"
-                 + (f"; stage {', '.join(hidden)} omitted (1x1 maps)" if hidden else ""), fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return [val[i] for i in spread_over_classes(val, count)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     names = None
     if run_cfg and str(run_cfg.get("data", {}).get("name", "")).startswith("digits"):
         names = [str(i) for i in range(10)]
-    draw([(img, label) for img, (_, label) in zip(images, samples)], maps, probs, out, names)
+    draw_modulation([(img, label) for img, (_, label) in zip(images, samples)], maps, probs, out, names)
     for (path, label), pr in zip(samples, probs):
         print(f"{path}: predicted {int(pr.argmax())} ({100 * float(pr.max()):.1f}%)"
               + ("" if label is None else f", true {label}"))

@@ -74,3 +74,38 @@ def run_train(args, *, env=None, timeout=600, tiny=True, launcher=(PYTHON,), fla
     cmd = [*launcher, str(ROOT / "train.py"), *flags, *(TINY if tiny else []), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env or train_env(), capture_output=True, text=True,
                           timeout=timeout, **popen)
+
+
+def wandb_records(run_dir: Path) -> list[dict]:
+    """Every record of the run directory's offline W&B run, as W&B's own reader (``wandb leet inspect``) prints
+    them: ``{"type": "run" | "history" | "summary" | "artifact" | ..., ...}``."""
+    import json
+
+    (offline,) = (Path(run_dir) / "wandb").glob("offline-run-*")
+    out = subprocess.run([str(Path(PYTHON).with_name("wandb")), "leet", "inspect", "--json", str(offline)],
+                         capture_output=True, text=True, timeout=120, env=train_env())
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def wandb_run_record(run_dir: Path) -> dict:
+    """The run's settings as W&B stored them: run_id, project, entity, run_group, job_type, config..."""
+    return next(r["run"] for r in wandb_records(run_dir) if r["type"] == "run")
+
+
+def start_paused_at(step: int, args: list[str], marker: Path, *, env: dict | None = None, tiny: bool = True,
+                    timeout: float = 600) -> subprocess.Popen:
+    """Start ``train.py`` so that it parks after update ``step`` (the FOCALNET_PAUSE_AT_STEP test hook) and return
+    once it is parked: a kill or signal then lands at exactly that step, however loaded the machine is."""
+    import time
+
+    cmd = [PYTHON, str(ROOT / "train.py"), *(TINY if tiny else []), *args]
+    env = {**(env or train_env()), "FOCALNET_PAUSE_AT_STEP": str(step), "FOCALNET_PAUSE_FILE": str(marker)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if Path(f"{marker}.rank0").exists():
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"run never reached step {step}: {proc.stderr.read()[-3000:]}")

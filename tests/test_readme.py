@@ -5,8 +5,9 @@ Every fenced ``bash`` or ``python`` block must be preceded by a marker comment `
 * ``run [overrides]``: run on the CPU with bash, ``python`` being this interpreter; ``outputs/`` paths go to a
   temporary directory and the overrides are appended to every ``train.py`` / ``scripts/demo.py`` line (slow).
 * ``compose``: each line's Hydra config is composed (and validated) without running: ``python train.py``,
-  ``python eval.py``, ``torchrun ... train.py``, ``srun ... python train.py``, ``scripts/launch_torchrun.sh`` and ``scripts/write_ffcv.py``
-  (whose ``--flags`` must appear in its ``--help``). ``-m`` sweeps compose every point.
+  ``python eval.py``, ``python scripts/train_detector.py``, ``torchrun ... train.py``, ``srun ... python
+  train.py``, ``scripts/launch_torchrun.sh`` and ``scripts/write_ffcv.py`` (whose ``--flags`` must appear in its
+  ``--help``). ``-m`` sweeps compose every point.
 * ``dry``: ``make`` lines run as ``make -n`` (the target exists and expands).
 * ``python``: the block is executed.
 * ``skip: reason``: cannot be checked here (the reason is required).
@@ -162,7 +163,7 @@ def test_readme_compose_commands(block, tmp_path):
             used = [a.split("=")[0] for a in args if a.startswith("--")]
             assert used and all(f in help_text for f in used), f"README line {line}: {used} vs --help"
             args = [a for i, a in enumerate(args) if not a.startswith("--") and not (i and args[i - 1].startswith("--"))]
-        config_name = "eval" if script == "eval.py" else "config"
+        config_name = {"eval.py": "eval", "scripts/train_detector.py": "detect"}.get(script, "config")
         points = _sweep_points(args) if flags else [args]
         for overrides in points:
             try:

@@ -1,6 +1,7 @@
 """Hydra multirun sweeps launched from outside torchrun: one run directory and one W&B run per job.
 
-* a 2-point local sweep (Hydra's basic launcher) end to end, W&B offline, checked with W&B's own reader;
+* a 2-point local sweep (Hydra's basic launcher) end to end, W&B offline, checked with W&B's own reader
+  (both runs in one W&B group, the sweep's id);
 * the same 2 points through hydra-submitit-launcher's local executor (separate processes, the code path
   the SLURM launcher uses);
 * an Optuna study (hydra-optuna-sweeper, conf/hydra/sweeper/optuna_focalnet.yaml) of 2 trials that
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import wandb_run_record
 
 ROOT = Path(__file__).resolve().parents[1]
 WANDB = Path(sys.executable).with_name("wandb")
@@ -66,6 +68,8 @@ def check_two_point_sweep(sweep_dir: Path) -> None:
         assert w["config"]["paths"]["output_dir"] == str(run_dir)
         assert w["summary"]["val/top1"] == pytest.approx(last(metrics, "val/top1"))
         wandb_ids.add(w["run_id"])
+        run = wandb_run_record(run_dir)  # every point of the sweep in one W&B group: the sweep's id
+        assert run["run_group"] == sweep_dir.name and run["job_type"] == "train"
     assert len(wandb_ids) == 2
 
 

@@ -15,12 +15,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, TINY, run_train, train_env
+from conftest import PYTHON, run_train, start_paused_at, train_env, wandb_run_record
 
 from focalnet.engine.checkpointing import load_file
 from focalnet.engine.trainer import EXIT_PREEMPTED
@@ -103,19 +102,7 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 
 
 def start_and_wait_for_step(run_dir: Path, step: int, *extra: str) -> subprocess.Popen:
-    """Start a run that parks after update ``step`` (the FOCALNET_PAUSE_AT_STEP test hook) and return once it
-    is parked: the kill or signal then lands at exactly that step, however loaded the machine is."""
-    marker = run_dir.parent / "paused"
-    cmd = [PYTHON, str(ROOT / "train.py"), *TINY, *RESUME, f"hydra.run.dir={run_dir}", *extra]
-    env = train_env(FOCALNET_PAUSE_AT_STEP=str(step), FOCALNET_PAUSE_FILE=str(marker))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if Path(f"{marker}.rank0").exists():
-            return proc
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"run never reached step {step}: {proc.stderr.read()[-3000:]}")
+    return start_paused_at(step, [*RESUME, f"hydra.run.dir={run_dir}", *extra], run_dir.parent / "paused")
 
 
 def test_resume_after_sigkill_mid_epoch_is_bitwise_exact(tmp_path, reference_run):
@@ -161,6 +148,7 @@ def test_torchrun_two_ranks_gloo(tmp_path):
     assert (run_dir / "train.log").exists() and (run_dir / "train_rank1.log").exists()
     assert "AdamW with the fused kernel; DDP static_graph=True" in (run_dir / "train.log").read_text()
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # W&B on rank 0 only
+    assert wandb_run_record(run_dir)["run_group"] == run_dir.name  # the job's run id, once for all ranks
     metrics = read_metrics(run_dir)
     final = next(m for m in metrics if "final/weights_sha256_per_rank" in m)
     hashes = final["final/weights_sha256_per_rank"]

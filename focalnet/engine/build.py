@@ -151,9 +151,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: Mapping, *, tot
     warmup = int(round(sched_cfg["warmup_epochs"] * steps_per_epoch))
     name = sched_cfg["name"]
     if name == "cosine":
-        return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=min_lr,
-                                 warmup_t=warmup, warmup_lr_init=warmup_lr, warmup_prefix=True,
-                                 cycle_limit=1, t_in_epochs=False)
+        if total_steps - warmup < 2:
+            log.warning("schedule=cosine: %d of the run's %d updates are warmup (schedule.warmup_epochs=%g), so the "
+                        "LR never decays; fine for a smoke test, otherwise raise trainer.epochs/max_steps or lower "
+                        "schedule.warmup_epochs", min(warmup, total_steps), total_steps, sched_cfg["warmup_epochs"])
+        # timm warns "Cosine annealing scheduler will have no effect" (t_initial == 1) itself: said above instead.
+        timm_log = logging.getLogger("timm.scheduler.cosine_lr")
+        level = timm_log.level
+        timm_log.setLevel(logging.ERROR)
+        try:
+            return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=min_lr,
+                                     warmup_t=warmup, warmup_lr_init=warmup_lr, warmup_prefix=True,
+                                     cycle_limit=1, t_in_epochs=False)
+        finally:
+            timm_log.setLevel(level)
     if name in ("step", "constant"):
         decay_t = int(round(sched_cfg["decay_epochs"] * steps_per_epoch)) if name == "step" else 1
         return StepLRScheduler(optimizer, decay_t=max(decay_t, 1),

@@ -239,17 +239,19 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, obj: dict, path: str | os.PathLike, links: tuple[str, ...] = ()) -> None:
+    def submit(self, obj: dict, path: str | os.PathLike, links: tuple[str, ...] = (), then=None) -> None:
+        """``then(path, snapshot)``, if given, runs in the writer thread once the file is complete (e.g. an upload)."""
         self.wait()
         snapshot, path = host_copy(obj), Path(path)
         if not self.background:
-            self._write(snapshot, path, links)
+            self._write(snapshot, path, links, then)
             self.wait()
             return
-        self._thread = threading.Thread(target=self._write, args=(snapshot, path, links), name="checkpoint-writer")
+        self._thread = threading.Thread(target=self._write, args=(snapshot, path, links, then),
+                                        name="checkpoint-writer")
         self._thread.start()
 
-    def _write(self, obj: dict, path: Path, links: tuple[str, ...]) -> None:
+    def _write(self, obj: dict, path: Path, links: tuple[str, ...], then=None) -> None:
         try:
             start = time.perf_counter()
             save_atomic(obj, path)
@@ -258,6 +260,8 @@ class CheckpointWriter:
             remove_orphan_temporaries(path.parent)  # of saves killed mid-write (the writer owns the directory)
             log.info("wrote %s (%.0f MiB in %.1f s%s)", path, path.stat().st_size / 2**20, time.perf_counter() - start,
                      f"; also {', '.join(links)}" if links else "")
+            if then is not None:
+                then(path, obj)
         except BaseException as e:  # noqa: BLE001  (raised in the training thread by wait)
             self._error = e
 

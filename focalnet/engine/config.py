@@ -138,9 +138,11 @@ SCHEMA: dict[str, Any] = {
     },
     "logger": {
         "wandb": {
-            "mode": choice("auto", "online", "offline", "disabled"), "project": string,
+            "mode": choice("auto", "online", "offline", "disabled"), "project": optional(string),
             "entity": optional(string), "name": optional(string), "tags": list_of(string),
+            "group": optional(string), "log_checkpoints": choice(False, "best", "last", "all"),
         },
+        "pictures": {"inputs": boolean, "modulation_every": integer(0), "modulation_images": integer(1)},
     },
     "paths": {"output_root": string, "output_dir": string},
 }
@@ -172,6 +174,13 @@ def _walk(schema: Mapping, cfg: Mapping, prefix: str, errors: list[str]) -> None
             errors.append(f"{full}={value!r} is not allowed; it must be {allowed}")
 
 
+def schema_errors(schema: Mapping, cfg: Mapping) -> list[str]:
+    """Every unknown key, missing key and disallowed value of ``cfg`` against ``schema`` (key -> check)."""
+    errors: list[str] = []
+    _walk(schema, cfg, "", errors)
+    return errors
+
+
 def non_finite_numbers(cfg: Mapping, prefix: str = "") -> list[str]:
     """One error per NaN/inf number anywhere in the config (every group, open ones and lists included): no
     numeric setting means anything as NaN or infinity (``trainer.clip_grad=nan`` would write NaN weights)."""
@@ -192,7 +201,7 @@ def validate_config(cfg: DictConfig | Mapping) -> dict:
     errors: list[str] = non_finite_numbers(plain)
     if errors:  # reported alone: a NaN also fails every range check below
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    _walk(SCHEMA, plain, "", errors)
+    errors = schema_errors(SCHEMA, plain)
     if not errors:
         errors += _cross_checks(plain)
     if errors:
@@ -231,6 +240,10 @@ def _cross_checks(c: dict) -> list[str]:
     if t["init_from"] is not None and pretrained not in (None, False):
         errors.append(f"trainer.init_from={t['init_from']!r} and model.pretrained={pretrained!r}: set one of them "
                       f"(both start the run from pretrained weights)")
+    m = c["model"]
+    if c["logger"]["pictures"]["modulation_every"] and (m["library"] != "focalnet" or m["name"].startswith("dat")):
+        errors.append(f"logger.pictures.modulation_every={c['logger']['pictures']['modulation_every']}: "
+                      f"model {m['name']} has no focal modulation to draw; set it to 0")
     return errors
 
 

@@ -48,7 +48,7 @@ from focalnet.engine.amp import AmpStep
 from focalnet.engine.build import build_model
 from focalnet.engine.checkpointing import first_non_finite, load_file
 from focalnet.engine.config import ConfigError, non_finite_numbers
-from focalnet.engine.loggers import RunLogger, provenance, write_run_files
+from focalnet.engine.loggers import RunLogger, provenance, wandb_group, write_run_files
 from focalnet.engine.loop import validate
 from focalnet.engine.trainer import resolve_device
 from focalnet.models.checkpoint import (
@@ -363,7 +363,10 @@ def _write_results(cfg: dict, info: D.DistInfo, device: torch.device, results: d
         write_run_files(run_dir, provenance(cfg, info.world_size, str(device)))
         (run_dir / name).write_text(json.dumps(results, indent=2, default=str) + "\n")
         results["output"] = str(run_dir / name)
-    logger = RunLogger(run_dir, cfg, enabled=info.is_main, wandb_id=None, derived={})
+    group = wandb_group(cfg, cfg.get("checkpoint"), parent_first=True) if info.is_main else None
+    logger = RunLogger(run_dir, cfg, enabled=info.is_main, wandb_id=None, derived={}, group=group, job_type="eval")
+    if logger.wandb is not None:
+        log.info("W&B: %s", logger.describe())
     flat = {f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     logger.log(flat, step=0)
     logger.summary(flat)

@@ -8,6 +8,14 @@ W&B ``logger.wandb.mode``: ``auto`` is online when an API key is configured (``W
 ``offline`` and ``disabled`` are passed through. Runs live under ``<run_dir>/wandb/``. The run id is chosen
 here (or taken from the checkpoint on resume) and stored in every checkpoint, so a resumed run continues
 the same W&B run.
+
+Grouping (:func:`wandb_group`): ``logger.wandb.group`` when set; else ``WANDB_RUN_GROUP``; else, for a job of
+a Hydra multirun sweep, the sweep's id (the name of its ``multirun/<id>`` directory), so every point of a sweep
+shares one group; else the group of the run whose checkpoint this run starts from (a fine-tune; for an
+evaluation this comes before the sweep's id); else the run's own id (its run directory's name, the same on
+every node of a multi-node job, whose rank 0 alone logs). ``job_type`` is ``train``, ``finetune``
+(``trainer.init_from`` set) or ``eval``. The project and entity are ``logger.wandb.project``/``.entity``, or
+``WANDB_PROJECT``/``WANDB_ENTITY`` when those are null (project ``focalnet`` when neither says).
 """
 
 from __future__ import annotations
@@ -58,7 +66,8 @@ def redact_secrets(obj, secrets_: list[str] | None = None):
     return obj
 
 
-_PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy", "pillow", "ffcv")
+_PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy", "pillow", "ffcv",
+             "ultralytics")
 
 
 def new_wandb_id() -> str:
@@ -78,6 +87,44 @@ def resolve_wandb_mode(mode: str) -> str:
         return "online" if netrc.netrc().authenticators(host) else "offline"
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return "offline"
+
+
+def _sweep_id() -> str | None:
+    """The id of the Hydra multirun sweep this process runs a job of (None outside a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+
+
+def checkpoint_wandb_group(path: str | os.PathLike | None) -> str | None:
+    """The W&B group of the run that wrote checkpoint ``path``, if it is one of our run checkpoints.
+
+    Read through a memory map, so only the few small entries looked at are read from a large file.
+    """
+    import torch
+
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format torch file (e.g. safetensors): not one of our run checkpoints
+        return None
+    group = obj.get("wandb_group") if isinstance(obj, dict) else None
+    return group if isinstance(group, str) and group else None
+
+
+def wandb_group(cfg: dict, parent_checkpoint: str | None = None, *, parent_first: bool = False) -> str:
+    """The run's W&B group (see the module docstring). ``parent_first``: the group of the run that wrote
+    ``parent_checkpoint`` wins over a sweep's id (an evaluation belongs with the run it evaluates)."""
+    explicit = cfg["logger"]["wandb"].get("group") or os.environ.get("WANDB_RUN_GROUP")
+    sources = [_sweep_id, lambda: checkpoint_wandb_group(parent_checkpoint)]
+    if parent_first:
+        sources.reverse()
+    return explicit or sources[0]() or sources[1]() or Path(cfg["paths"]["output_dir"]).name
 
 
 def provenance(cfg: dict, world_size: int, device: str) -> dict:
@@ -118,25 +165,44 @@ class RunLogger:
     """metrics.jsonl + W&B for rank 0; a no-op everywhere else."""
 
     def __init__(self, run_dir: Path, cfg: dict, *, enabled: bool, wandb_id: str | None, derived: dict,
-                 prov: dict | None = None):
+                 prov: dict | None = None, group: str | None = None, job_type: str = "train"):
         self.enabled, self.run_dir, self.wandb = enabled, Path(run_dir), None
-        self.wandb_id = wandb_id
+        self.wandb_id, self.group, self.job_type = wandb_id, group, job_type
+        self.mode = "disabled"
         if not enabled:
             return
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: survives a kill
         wcfg = cfg["logger"]["wandb"]
-        mode = resolve_wandb_mode(wcfg["mode"])
-        if mode != "disabled":
+        self.mode = resolve_wandb_mode(wcfg["mode"])
+        if self.mode != "disabled":
             import wandb
 
             self.wandb_id = wandb_id or new_wandb_id()
+            self.group = group or wandb_group(cfg)
             self.wandb = wandb.init(
-                project=wcfg["project"], entity=wcfg["entity"], name=wcfg["name"], tags=list(wcfg["tags"]),
+                project=wcfg["project"] or os.environ.get("WANDB_PROJECT") or "focalnet",
+                entity=wcfg["entity"] or os.environ.get("WANDB_ENTITY"), name=wcfg["name"],
+                tags=list(wcfg["tags"]), group=self.group, job_type=job_type,
                 config={**cfg, "derived": derived, "provenance": {k: v for k, v in (prov or {}).items()
                                                                    if k != "config"}},
-                dir=str(self.run_dir), id=self.wandb_id, resume="allow", mode=mode,
-                settings=wandb.Settings(console="off", quiet=True))
-            log.info("W&B run %s (%s) in %s", self.wandb_id, mode, self.run_dir / "wandb")
+                dir=str(self.run_dir), id=self.wandb_id, resume="allow", mode=self.mode,
+                settings=wandb.Settings(console="off", quiet=True, silent=True))
+
+    def describe(self) -> str:
+        """One line for the console: mode, run id, project/group/job type, where the files are."""
+        if self.wandb is None:
+            return "disabled (logger.wandb.mode)" if self.mode == "disabled" else "-"
+        return (f"{self.mode} run {self.wandb_id} (project {self.wandb.project}, group {self.group}, "
+                f"job_type {self.job_type}) in {self.run_dir / 'wandb'}")
+
+    def log_images(self, images: dict[str, os.PathLike], step: int, captions: dict[str, str] | None = None) -> None:
+        """PNG files already written to the run directory, as W&B images under the given keys."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        captions = captions or {}
+        self.wandb.log({k: wandb.Image(str(p), caption=captions.get(k)) for k, p in images.items()}, step=step)
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:

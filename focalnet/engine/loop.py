@@ -53,12 +53,14 @@ def train_one_epoch(
     ddp: nn.parallel.DistributedDataParallel | None = None,
     ema_source: nn.Module | None = None,
     after_step: Callable[[TrainState, torch.Tensor, torch.Tensor], str | None] = lambda *a: None,
+    peek: Callable[[torch.Tensor, int], None] | None = None,
 ) -> str | None:
     """Train from ``state.batch_in_epoch`` to the end of the epoch; returns ``after_step``'s stop reason or None.
 
     The loader (a :class:`data.loaders.DeviceLoader`) must already be positioned (``loader.set_epoch(epoch,
     state.batch_in_epoch)``). Micro-batches past the last full accumulation group of the epoch are not used, so
     every update sees the same number.
+    ``peek(images, step)``, when given, sees the first micro-batch's model input once (the run's picture of it).
     """
     model.train()
     n_batches = (len(loader) // accum_steps) * accum_steps
@@ -70,6 +72,9 @@ def train_one_epoch(
             images = images.contiguous(memory_format=torch.channels_last)
         if mixup is not None:
             images, targets = mixup(images, targets)  # targets -> (B, num_classes) soft, label-smoothed
+        if peek is not None:
+            peek(images, state.step)
+            peek = None
         last_micro = (i + 1) % accum_steps == 0
         # Gradients are all-reduced only on the last micro-batch of an update.
         sync = contextlib.nullcontext() if (ddp is None or last_micro) else ddp.no_sync()

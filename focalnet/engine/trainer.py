@@ -32,6 +32,7 @@ the state is copied to host memory; the file appears by atomic rename when compl
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 import math
@@ -48,12 +49,12 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
-from tqdm import tqdm
 
 import data as data_lib
 from data.loaders import JOB_SIGNALS, DeviceLoader
 from focalnet.engine import distributed as D
 from focalnet.engine.amp import AmpStep, NonFiniteLossError
+from focalnet.engine.artifacts import CheckpointUploader
 from focalnet.engine.build import (
     build_mixup_and_loss,
     build_model,
@@ -73,8 +74,10 @@ from focalnet.engine.checkpointing import (
     restore_rng,
 )
 from focalnet.engine.config import ConfigError, scaled_lrs, validate_config
-from focalnet.engine.loggers import RunLogger, provenance, record_launch, redact_secrets
+from focalnet.engine.console import Progress, end_block, start_block
+from focalnet.engine.loggers import RunLogger, provenance, record_launch, redact_secrets, wandb_group
 from focalnet.engine.loop import TrainState, train_one_epoch, validate
+from focalnet.engine.pictures import RunPictures
 from focalnet.engine.rundir import TOTAL_BATCH, RunDirLock, check_resume_config
 from focalnet.models.checkpoint import CheckpointError
 from focalnet.models.sources import resolve
@@ -193,7 +196,7 @@ class TrainRun:
         self.cfg, self.info = cfg, info
         self.resume_changes: dict = {}
         self.preempt = preempt or _PreemptFlag()  # not installed: signals keep their handlers
-        self.pbar = None
+        self.progress = Progress(total=0, initial=0, log_every=1, enabled=False)  # fit() makes the real one
         t = self.t = cfg["trainer"]
         self.run_dir = Path(cfg["paths"]["output_dir"]).resolve()
         dirs = D.all_gather_object(str(self.run_dir))
@@ -278,15 +281,17 @@ class TrainRun:
         if info.is_main:
             record_launch(self.run_dir, prov)
         self.logger = RunLogger(self.run_dir, self.public_cfg, enabled=info.is_main, wandb_id=self.wandb_id,
-                                derived=self.derived, prov=prov)
+                                derived=self.derived, prov=prov, job_type="finetune" if t["init_from"] else "train",
+                                group=wandb_group(self.public_cfg, t["init_from"]) if info.is_main else None)
         self.wandb_id = self.logger.wandb_id
-        log.info("world %d, device %s, total batch %d: lr %.3g, warmup_lr %.3g, min_lr %.3g (per-512 values "
-                 "scaled by %d/512); %d updates/epoch, %d updates", info.world_size, self.device,
-                 self.derived["total_batch"], self.derived["lr"], self.derived["warmup_lr"], self.derived["min_lr"],
-                 self.derived["total_batch"], self.updates_per_epoch, self.total_steps)
-        log.info("%s with the %s kernel%s", type(self.optimizer).__name__,
-                 "fused" if self.optimizer.defaults.get("fused") else "foreach",
-                 f"; DDP static_graph={self.ddp.static_graph}" if self.ddp is not None else "")
+        self.uploader = CheckpointUploader(self.logger.wandb, self.run_dir, cfg["logger"]["wandb"]["log_checkpoints"])
+        self.pictures = RunPictures(self.run_dir, cfg, self.logger, model, self.loaders.val, enabled=info.is_main)
+        if info.is_main:
+            log.info("%s", start_block(self))
+        if info.is_main:
+            log.info("%s with the %s kernel%s", type(self.optimizer).__name__,
+                     "fused" if self.optimizer.defaults.get("fused") else "foreach",
+                     f"; DDP static_graph={self.ddp.static_graph}" if self.ddp is not None else "")
         # Per-rank RNG streams (drop path, mixup) start here, after every setup step that might draw from the
         # global generators (W&B, compile...), so they do not depend on the setup; a resume then overwrites them.
         seed_everything(t["seed"] + info.rank)
@@ -421,8 +426,14 @@ class TrainRun:
             "step": self.state.step, "epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
             "rng": rngs, "world_size": self.info.world_size,
             "config": self.public_cfg, "best_metric": self.state.best_metric, "wandb_id": self.wandb_id,
+            "wandb_group": self.logger.group,
         }
-        self.writer.submit(obj, self.ckpt_dir / name, also)  # best.pt / epoch_N.pt: hard links, not new writes
+        upload = functools.partial(self.uploader.saved, step=self.state.step, epoch=self.state.epoch,
+                                   best="best.pt" in also, final=self.state.step >= self.total_steps,
+                                   preempting=self.preempt.signum is not None,
+                                   metadata={"best_top1": self.state.best_metric})
+        # best.pt / epoch_N.pt: hard links, not new writes; the W&B upload starts once the file is complete.
+        self.writer.submit(obj, self.ckpt_dir / name, also, then=lambda path, snapshot: upload(path, snapshot["model"]))
 
     def finish_saves(self) -> None:
         """Every rank returns once rank 0's checkpoint writes are complete on disk, or every rank raises (rank 0
@@ -445,8 +456,6 @@ class TrainRun:
         """After every update: a host check when one is due (module docstring), then logging and checkpoints.
         Between checks this touches no device value."""
         t, step = self.t, state.step
-        if self.pbar is not None:
-            self.pbar.update(1)
         log_now = step % t["log_every"] == 0 or step == self.total_steps
         ckpt_now = bool(t["ckpt_every_steps"]) and step % t["ckpt_every_steps"] == 0
         epoch_end = state.batch_in_epoch >= self.updates_per_epoch * t["accum_steps"]
@@ -454,10 +463,10 @@ class TrainRun:
         if paused:
             self._pause_for_test(step)  # then a check at this very update, where the test's signal is acted on
         if not (log_now or ckpt_now or epoch_end or paused or step >= self.total_steps or step >= self._next_check):
+            self.progress.update(step)
             return None
         preempted, values = self.host_check(step, loss, grad_norm)
-        if log_now:
-            self._log_train(state, values)
+        self.progress.update(step, self._log_train(state, values) if log_now else None)
         if step >= self.total_steps:
             return "done"
         if preempted:
@@ -486,7 +495,7 @@ class TrainRun:
         self._last_check = (time.perf_counter(), step)
         return preempted > 0, {"loss": loss_v, "grad_norm": norm_v, "skipped": int(skipped)}
 
-    def _log_train(self, state: TrainState, values: dict) -> None:
+    def _log_train(self, state: TrainState, values: dict) -> dict:
         step = state.step
         now = time.perf_counter()
         t0, s0 = self._window
@@ -500,9 +509,7 @@ class TrainRun:
             metrics["train/loss_scale"] = self.amp.scaler.get_scale()
             metrics["train/skipped_steps"] = values["skipped"]
         self.logger.log(metrics, step=step)
-        if self.pbar is not None:
-            self.pbar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
-                                  img_s=f"{metrics['train/img_per_s']:.0f}", refresh=False)
+        return metrics
 
     def _pause_for_test(self, step: int) -> None:
         """Test hook (``FOCALNET_PAUSE_AT_STEP``): park this rank after update ``step`` until a preemption signal
@@ -521,10 +528,11 @@ class TrainRun:
 
     def evaluate(self) -> dict:
         val = DeviceLoader(self.loaders.val, self.device)
-        m = validate(self.model, val, self.device, self.amp, self.t["channels_last"])
+        m = validate(self.model, self.progress.validation(val), self.device, self.amp, self.t["channels_last"])
         metrics = {f"val/{k}": v for k, v in m.items()}
         if self.ema is not None:
-            e = validate(self.ema.module, val, self.device, self.amp, self.t["channels_last"])
+            e = validate(self.ema.module, self.progress.validation(val, "val (EMA)"), self.device, self.amp,
+                         self.t["channels_last"])
             metrics.update({f"val_ema/{k}": v for k, v in e.items()})
         metrics["epoch"] = self.state.epoch
         self.logger.log(metrics, step=self.state.step)
@@ -540,9 +548,9 @@ class TrainRun:
 
     # -- main loop ---------------------------------------------------------------------------------------
 
-    def make_progress_bar(self, **kw) -> tqdm:
-        return tqdm(total=self.total_steps, initial=self.state.step, disable=not self.info.is_main,
-                    dynamic_ncols=True, mininterval=1.0, desc="train", **kw)
+    def make_progress(self, **kw) -> Progress:
+        return Progress(total=self.total_steps, initial=self.state.step, log_every=self.t["log_every"],
+                        enabled=self.info.is_main, **kw)
 
     def train_epoch(self) -> str | None:
         """The rest of the current epoch from the saved position (what ``fit`` runs per epoch)."""
@@ -553,16 +561,20 @@ class TrainRun:
             criterion=self.criterion,
             mixup=self.mixup, scheduler=self.scheduler, ema=self.ema, params=self.params, state=self.state,
             accum_steps=t["accum_steps"], device=self.device, channels_last=t["channels_last"],
-            ddp=self.ddp, ema_source=self.model, after_step=self.after_step)
+            ddp=self.ddp, ema_source=self.model, after_step=self.after_step,
+            peek=self.pictures.inputs if self.state.step == 0 else None)
 
     def fit(self) -> dict:
         t, state, failed = self.t, self.state, True
-        self.pbar = self.make_progress_bar()
+        started, first_step, train_s = time.perf_counter(), state.step, 0.0
+        self.progress = self.make_progress().__enter__()
         metrics: dict = {}
         try:
             stop = "done" if state.step >= self.total_steps else None
             while stop is None and state.epoch < self.epochs:
+                epoch_start = time.perf_counter()
                 stop = self.train_epoch()
+                train_s += time.perf_counter() - epoch_start
                 if stop == "preempted":
                     break
                 epoch_done = state.batch_in_epoch >= self.updates_per_epoch * t["accum_steps"]
@@ -579,8 +591,11 @@ class TrainRun:
                     if t["save_epoch_ckpts"] and epoch_done:
                         also += (f"epoch_{state.epoch}.pt",)
                     self.save("last.pt", also)
+                    self.pictures.validated()
                 elif epoch_done:
                     self.save("last.pt", (f"epoch_{state.epoch}.pt",) if t["save_epoch_ckpts"] else ())
+                if epoch_done or final:
+                    self.pictures.epoch_end(state.epoch, state.step, final)
                 if final:
                     stop = "done"
             if stop == "preempted":
@@ -602,14 +617,20 @@ class TrainRun:
             if len(set(fingerprints)) != 1:
                 raise RuntimeError(f"weights differ across ranks at the end of training: {fingerprints}")
             self.finish_saves()
+            self.progress.__exit__(None, None, None)
+            if self.info.is_main:
+                images = (state.step - first_step) * self.derived["total_batch"]
+                log.info("%s", end_block(self, metrics, time.perf_counter() - started, train_s, images))
             failed = False
             return {**metrics, **summary, "run_dir": str(self.run_dir)}
         except TrainingPreempted:
             failed = False
             raise
         finally:
-            self.pbar.close()
+            if self.writer is not None:  # a write in flight completes (and starts its upload) before the uploads end
+                self.writer.wait(raise_error=False)
+            self.progress.__exit__(None, None, None)
+            self.pictures.close()
+            self.uploader.close()
             self.logger.close(failed=failed)
-            if self.writer is not None:
-                self.writer.wait(raise_error=False)  # a write in flight completes before the run dir is released
             self.lock.release()
