@@ -66,6 +66,16 @@ def srun(run_dir: Path, args: list[str], tasks: int, cwds: list[Path]) -> list[t
     return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
 
 
+@pytest.fixture
+def restored_environ():
+    """os.environ as it was, after the test: ``adopt_launch_env`` writes RANK, MASTER_ADDR, ... itself, which
+    monkeypatch would not undo (a leaked RANK makes later in-process tests join a process group that never forms)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if "[ERROR]" in line]
 
@@ -100,7 +110,7 @@ def test_srun_tasks_form_one_job_and_refuse_a_checkpoint_the_ranks_do_not_share(
     # (Ranks that agree resume: tests/test_multinode.py and tests/test_slurm_requeue.py relaunch 2-rank jobs.)
 
 
-def test_an_srun_environment_without_ranks_is_refused_in_one_line(monkeypatch, capsys):
+def test_an_srun_environment_without_ranks_is_refused_in_one_line(restored_environ, monkeypatch, capsys):
     """What train.py and eval.py run first (``adopt_launch_env(exit_on_error=True)``, before Hydra): exit 2, one
     line, no traceback."""
     from focalnet.engine import distributed as D
@@ -119,7 +129,7 @@ def test_an_srun_environment_without_ranks_is_refused_in_one_line(monkeypatch, c
     assert "srun started 2 tasks but SLURM_PROCID is not set" in line and "srun --ntasks-per-node=GPUS" in line
 
 
-def test_launch_variables_from_srun_and_submitit(monkeypatch):
+def test_launch_variables_from_srun_and_submitit(restored_environ, monkeypatch):
     from focalnet.engine import distributed as D
 
     for k in LAUNCH_VARS:
@@ -229,7 +239,7 @@ def test_a_background_write_holds_the_state_of_its_submit_and_reports_its_error(
     writer.wait(raise_error=False)
 
 
-def test_no_process_trains_alone_in_a_sbatch_script_silently(monkeypatch, capsys):
+def test_no_process_trains_alone_in_a_sbatch_script_silently(restored_environ, monkeypatch, capsys):
     from focalnet.engine import distributed as D
 
     for k in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_"))] + list(LAUNCH_VARS):
