@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_data.py
 	$(BIN)/python scripts/bench_pixels.py
+	$(BIN)/python scripts/bench_transfer.py
 	$(BIN)/python scripts/bench_detectors.py
 
 demo: install

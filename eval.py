@@ -21,8 +21,9 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from focalnet.engine.distributed import register_resolvers
+from focalnet.engine.distributed import adopt_launch_env, register_resolvers
 
+adopt_launch_env(exit_on_error=True)  # `srun python eval.py`: ranks and rendezvous from SLURM's environment
 register_resolvers()  # ${run_id:} and ${rank_suffix:} are used by conf/eval.yaml's hydra section
 
 

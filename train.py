@@ -33,8 +33,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from focalnet.engine.distributed import register_resolvers
+from focalnet.engine.distributed import adopt_launch_env, register_resolvers
 
+adopt_launch_env(exit_on_error=True)  # `srun python train.py`: ranks and rendezvous from SLURM's environment
 register_resolvers()  # ${run_id:} and ${rank_suffix:} are used by conf/config.yaml's hydra section
 
 

@@ -147,12 +147,13 @@ def _materialize_from_cfg(data_cfg) -> str:
 
 
 @register_builder("digits")
-def build_digits(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build_digits(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 pin_memory: bool = False) -> Loaders:
     """The digits ImageFolder (written on first use) through the ImageNet folder pipeline."""
     _materialize_from_cfg(data_cfg)
     train, val, num_classes = folder_samples(data_cfg)
     return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size,
-                        seed=seed, info={"root": _expand(data_cfg.root)})
+                        seed=seed, pin_memory=pin_memory, info={"root": _expand(data_cfg.root)})
 
 
 # ------------------------------------------------------------------------------------------------ FFCV
@@ -186,7 +187,8 @@ def write_betons(folder_root: str, out_dir: str, *, max_resolution: int, jpeg_qu
 
 
 @register_builder("digits_ffcv")
-def build_digits_ffcv(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build_digits_ffcv(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                      pin_memory: bool = False) -> Loaders:
     """The digits as FFCV files (written from the digits folder on first use) through the FFCV loader."""
     from omegaconf import OmegaConf, open_dict
 
@@ -199,6 +201,6 @@ def build_digits_ffcv(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int 
     cfg = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
     with open_dict(cfg):
         cfg.root = beton_dir
-    loaders = build_ffcv(cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
+    loaders = build_ffcv(cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed, pin_memory=pin_memory)
     loaders.info["root"] = beton_dir
     return loaders

@@ -23,9 +23,9 @@ Layouts
   the ImageNet-1K classes are scattered); when the file's integers disagree, one warning says how many and
   the synset wins. ``data.map_labels=file`` takes the integers as written instead (paths without a synset).
 
-Every dataset yields ``(uint8 image (3, S, S), label, sample seed)``; the loader's collate function
-(:class:`data.transforms.FinishingCollate`, in the worker) turns them into the contract's normalized float
-batches with per-sample random erasing. Unreadable images are
+Every dataset yields ``(uint8 image (3, S, S), label, sample seed)``; the loader hands them over as uint8
+batches with their seeds, and :class:`data.transforms.BatchFinisher` normalizes and erases them on the
+training device (see :mod:`data.loaders`). Unreadable images are
 skipped, counted in shared memory (workers are processes) and replaced deterministically by the next
 index, so every rank keeps the same batch count and size.
 """
@@ -53,7 +53,6 @@ from data.transforms import (
     BadImage,
     BatchFinisher,
     EvalSampleTransform,
-    FinishingCollate,
     TrainSampleTransform,
     open_image,
     seeded,
@@ -296,12 +295,11 @@ class ImageFileDataset(Dataset):
 
 
 class FolderEpochLoader(EpochLoader):
-    """:class:`EpochLoader` whose uint8 samples are finished into normalized float batches (with random
-    erasing in training) by ``finisher`` inside the collate function, i.e. in the loader workers."""
+    """:class:`EpochLoader` handing over uint8 batches that ``finisher`` normalizes (and erases, in training)
+    on the training device."""
 
     def __init__(self, dataset: ImageFileDataset, finisher: BatchFinisher, **kwargs):
-        super().__init__(dataset, collate_fn=FinishingCollate(finisher), **kwargs)
-        self.finisher = finisher
+        super().__init__(dataset, finisher=finisher, **kwargs)
 
 
 def file_limits(data_cfg) -> dict:
@@ -318,7 +316,7 @@ def file_limits(data_cfg) -> dict:
 
 
 def make_loaders(train_samples: Samples, val_samples: Samples, num_classes: int, data_cfg, aug_cfg,
-                 *, rank: int, world_size: int, seed: int, info: dict | None = None,
+                 *, rank: int, world_size: int, seed: int, pin_memory: bool = False, info: dict | None = None,
                  dataset: Callable[..., ImageFileDataset] = ImageFileDataset,
                  sampler: Callable[..., ResumableDistributedSampler] = ResumableDistributedSampler.for_dataset,
                  ) -> Loaders:
@@ -339,7 +337,8 @@ def make_loaders(train_samples: Samples, val_samples: Samples, num_classes: int,
         order = sampler(ds, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, shuffle=train,
                         train=train)
         return FolderEpochLoader(ds, BatchFinisher(aug_cfg, train=train), sampler=order, num_workers=workers,
-                                 persistent_workers=bool(data_cfg.get("persistent_workers", True)), seed=seed)
+                                 persistent_workers=bool(data_cfg.get("persistent_workers", True)), seed=seed,
+                                 pin_memory=pin_memory)
 
     return Loaders(train=loader(train_ds, True), val=loader(val_ds, False), num_classes=num_classes,
                    info={"train_size": len(train_ds), "val_size": len(val_ds), **(info or {})})
@@ -377,9 +376,11 @@ def dataset_samples(data_cfg) -> tuple[Samples, Samples, int]:
 @register_builder("imagenet1k")
 @register_builder("folder")
 @register_builder("imagenet22k")
-def build_image_files(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build_image_files(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                      pin_memory: bool = False) -> Loaders:
     train, val, num_classes = dataset_samples(data_cfg)
-    return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
+    return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed,
+                        pin_memory=pin_memory)
 
 
 def imagenet22k_samples(data_cfg) -> tuple[Samples, Samples, int]:

@@ -415,12 +415,13 @@ def resolve_shuffle(data_cfg, root: str) -> str:
 @register_builder("wds")
 @register_builder("imagenet1k_wds")
 @register_builder("imagenet22k_wds")
-def build_shards(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build_shards(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 pin_memory: bool = False) -> Loaders:
     mode = str(data_cfg.get("mode") or "indexed")
     if mode == "streaming":
         from data.shards_streaming import build_streaming
 
-        return build_streaming(data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
+        return build_streaming(data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed, pin_memory=pin_memory)
     if mode != "indexed":
         raise DataConfigError(f"data.mode={mode!r}; choose indexed or streaming")
     root = shard_root(data_cfg)
@@ -449,5 +450,5 @@ def build_shards(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, 
              len(train), len(val), len(train.starts) - 1, len(val.starts) - 1, shuffle,
              f", cache {cache_dir}" if cache_dir else "")
     return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed,
-                        dataset=ShardDataset, sampler=sampler,
+                        pin_memory=pin_memory, dataset=ShardDataset, sampler=sampler,
                         info={"skipped_at_write": int(splits["train_split"].meta.get("skipped", 0))})

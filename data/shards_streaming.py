@@ -32,13 +32,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.folder import DataConfigError, file_limits
-from data.loaders import Loaders, sample_seed
+from data.loaders import DeviceLoader, Loaders, handover_collate, sample_seed
 from data.shards import is_remote, join, read_text, redact, register_url_schemes, shard_root
 from data.transforms import (
     BadImage,
     BatchFinisher,
     EvalSampleTransform,
-    FinishingCollate,
     TrainSampleTransform,
     _aug_get,
     open_image,
@@ -185,11 +184,11 @@ def hash_key(key: str) -> int:
 
 
 class StreamingLoader:
-    """The loader contract (``set_epoch``, ``len``, ``stats``) over a :class:`StreamingShards` stream."""
+    """The loader contract (``set_epoch``, ``len``, ``handover``, ``finisher``, ``stats``) over a
+    :class:`StreamingShards` stream: uint8 batches handed over as the folder path's (:mod:`data.loaders`)."""
 
-    def __init__(self, dataset: StreamingShards, finisher: BatchFinisher, num_workers: int):
-        self.dataset, self.num_workers, self.finisher = dataset, num_workers, finisher
-        self.collate = FinishingCollate(finisher)
+    def __init__(self, dataset: StreamingShards, finisher: BatchFinisher, num_workers: int, pin_memory: bool = False):
+        self.dataset, self.num_workers, self.finisher, self.pin_memory = dataset, num_workers, finisher, pin_memory
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.dataset.epoch, self.dataset.start_batch = epoch, start_batch
@@ -197,19 +196,23 @@ class StreamingLoader:
     def __len__(self) -> int:
         return self.dataset.num_batches()
 
-    def __iter__(self):
+    def handover(self):
         # Workers start afresh each epoch (never persistent): they must see this epoch's set_epoch.
         loader = DataLoader(self.dataset, batch_size=self.dataset.batch_size, num_workers=self.num_workers,
-                            collate_fn=self.collate, persistent_workers=False,
+                            collate_fn=handover_collate, pin_memory=self.pin_memory, persistent_workers=False,
                             # a private generator: starting workers must not draw from the global torch RNG
                             generator=torch.Generator().manual_seed(self.dataset.seed))
         return iter(loader)
+
+    def __iter__(self):
+        return iter(DeviceLoader(self, "cpu"))
 
     def stats(self) -> dict[str, int]:
         return self.dataset.stats()
 
 
-def build_streaming(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build_streaming(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                    pin_memory: bool = False) -> Loaders:
     size = int(data_cfg.img_size)
     workers, batch = int(data_cfg.get("num_workers", 0)), int(data_cfg.batch_size)
     loaders, sizes, limits = {}, {}, file_limits(data_cfg)
@@ -222,7 +225,8 @@ def build_streaming(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 
                              seed=seed, num_workers=workers, shuffle_buffer=int(data_cfg.get("shuffle_buffer") or 1000),
                              num_classes=int(data_cfg.num_classes), name=f"{data_cfg.name}/{split_key.removesuffix('_split')}",
                              limits=limits)
-        loaders[split_key], sizes[split_key] = StreamingLoader(ds, BatchFinisher(aug_cfg, train=train), workers), n
+        finisher = BatchFinisher(aug_cfg, train=train)
+        loaders[split_key], sizes[split_key] = StreamingLoader(ds, finisher, workers, pin_memory), n
         if train and len(urls) < world_size * max(workers, 1):
             log.warning("data.%s: %d shards for %d ranks x %d workers: some read the same shard in an epoch",
                         split_key, len(urls), world_size, max(workers, 1))

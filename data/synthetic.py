@@ -34,13 +34,15 @@ class SyntheticImages(Dataset):
 
 
 @register_builder("synthetic")
-def build(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+          pin_memory: bool = False) -> Loaders:
+    """Float pixels (not 8-bit images): handed over as float32, with nothing to finish."""
     n_cls, size = int(data_cfg.num_classes), int(data_cfg.img_size)
     signal = float(data_cfg.get("signal", 1.0))
     train_ds = SyntheticImages(int(data_cfg.train_size), n_cls, size, signal=signal)
     val_ds = SyntheticImages(int(data_cfg.val_size), n_cls, size, offset=10_000_000, signal=signal)
     common = dict(batch_size=int(data_cfg.batch_size), rank=rank, world_size=world_size, seed=seed,
-                  num_workers=int(data_cfg.get("num_workers", 0)))
+                  num_workers=int(data_cfg.get("num_workers", 0)), pin_memory=pin_memory)
     return Loaders(
         train=EpochLoader(train_ds, train=True, **common),
         val=EpochLoader(val_ds, train=False, **common),

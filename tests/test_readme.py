@@ -5,9 +5,9 @@ Every fenced ``bash`` or ``python`` block must be preceded by a marker comment `
 * ``run [overrides]``: run on the CPU with bash, ``python`` being this interpreter; ``outputs/`` paths go to a
   temporary directory and the overrides are appended to every ``train.py`` / ``scripts/demo.py`` line (slow).
 * ``compose``: each line's Hydra config is composed (and validated) without running: ``python train.py``,
-  ``python eval.py``, ``python scripts/train_detector.py``, ``torchrun ... train.py``,
-  ``scripts/launch_torchrun.sh``, ``scripts/write_ffcv.py`` and ``scripts/write_shards.py`` (whose ``--flags``
-  must appear in their ``--help``). ``-m`` sweeps compose every point.
+  ``python eval.py``, ``python scripts/train_detector.py``, ``torchrun ... train.py``, ``srun ... python
+  train.py``, ``scripts/launch_torchrun.sh``, ``scripts/write_ffcv.py`` and ``scripts/write_shards.py`` (whose
+  ``--flags`` must appear in their ``--help``). ``-m`` sweeps compose every point.
 * ``dry``: ``make`` lines run as ``make -n`` (the target exists and expands).
 * ``python``: the block is executed.
 * ``skip: reason``: cannot be checked here (the reason is required).
@@ -140,7 +140,7 @@ def _script_and_args(tokens: list[str]) -> tuple[str, list[str], list[str]]:
     """A command line -> (script, flags before the overrides, the remaining arguments)."""
     while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", tokens[0]):
         tokens = tokens[1:]  # VAR=value prefixes
-    if tokens[0] == "torchrun":
+    if tokens[0] in ("torchrun", "srun"):  # launcher flags, then the script (srun: after `python`)
         i = next(i for i, t in enumerate(tokens) if t.endswith(".py"))
         return tokens[i], [], tokens[i + 1:]
     if tokens[0] == "python":

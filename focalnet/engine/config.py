@@ -135,6 +135,7 @@ SCHEMA: dict[str, Any] = {
         "save_epoch_ckpts": boolean, "eval_every": integer(0), "log_every": integer(1),
         "device": choice("auto", "cpu", "cuda"), "seed": integer(0),
         "resume_allow_changes": list_of(string), "max_nonfinite_updates": integer(1),
+        "check_every_s": number(0), "async_save": boolean, "ddp_static_graph": choice("auto", True, False),
     },
     "logger": {
         "wandb": {
@@ -219,6 +220,9 @@ def _cross_checks(c: dict) -> list[str]:
         errors.append(f"data.batch_size={c['data']['batch_size']} must be even when aug.mixup/aug.cutmix > 0")
     if t["epochs"] == 0 and t["max_steps"] is None:
         errors.append("trainer.epochs=0 trains nothing; set trainer.epochs >= 1 or trainer.max_steps")
+    if t["ddp_static_graph"] is True and t["accum_steps"] > 1:
+        errors.append("trainer.ddp_static_graph=true with trainer.accum_steps > 1: DDP fails with static_graph under "
+                      "gradient accumulation in torch <= 2.14 (pytorch/pytorch PR #187732); set ddp_static_graph=auto")
     if t["device"] == "cuda":
         import torch
 

@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import focalnet
 from data.eval_sets import EVAL_SETS, EvalSet, build_eval_set
+from data.loaders import DeviceLoader
 from focalnet.engine import distributed as D
 from focalnet.engine.amp import AmpStep
 from focalnet.engine.build import build_model
@@ -217,7 +218,7 @@ class TargetTap:
 
     def __iter__(self):
         for images, targets in self.loader:
-            self.targets.append(targets.clone())
+            self.targets.append(targets.to("cpu", copy=True))
             yield images, targets
 
 
@@ -304,7 +305,7 @@ def run_accuracy(cfg: dict) -> dict:
     if t["channels_last"]:
         model.to(memory_format=torch.channels_last)
     net = EvalOutputs(model, es.class_indices, keep_topk).to(device)
-    tap = TargetTap(es.loader)
+    tap = TargetTap(DeviceLoader(es.loader, device))  # finished on the device, as in training
     amp = AmpStep(t["amp"], device)
     log.info("evaluating %s on eval_set=%s (%d classes, %s images) with %s", report["model"], es.name,
              es.num_classes, es.size, report.get("load_report", ""))
