@@ -2,7 +2,8 @@
 
 * uint8 handover: batches finished by :class:`data.loaders.DeviceLoader` (normalize + random erasing after the
   copy to the device) equal, bit for bit, the batches the loader workers finished before (the reference below is
-  that code), for the folder and synthetic paths over several seeds and epochs (the FFCV path:
+  that code), for the folder, webdataset shard (indexed and streaming) and synthetic paths over several seeds and
+  epochs (the FFCV path:
   ``tests/test_data_ffcv.py::test_raw_beton_gives_the_folder_paths_batches_bit_for_bit``); the bytes handed to
   ``.to(device)`` per step are counted: a quarter of the float32 batches'.
 * no host sync in a steady-state update: a real training run (1-rank gloo process group, so the collectives
@@ -82,10 +83,10 @@ def folder_cfg(root, workers: int = 0):
                                  num_workers=workers, val_count=0, persistent_workers=False))
 
 
-def check_epoch(loader, reference, dtype=torch.uint8) -> None:
+def check_epoch(loader, reference, dtype=torch.uint8, length: int | None = None) -> None:
     device_loader = DeviceLoader(loader, "cpu")
     ours = [(x.clone(), y.clone()) for x, y in device_loader]
-    assert len(ours) == len(reference) == len(loader) > 0
+    assert len(ours) == len(reference) == (len(loader) if length is None else length) > 0
     for (a, ya), (b, yb) in zip(ours, reference):
         assert torch.equal(ya, yb)
         assert a.dtype == torch.float32 and torch.equal(a, b), f"max diff {(a - b).abs().max()}"
@@ -104,6 +105,49 @@ def test_folder_batches_finished_on_the_device_are_todays_bit_for_bit(images, wo
                 loader.set_epoch(epoch)
                 check_epoch(loader, todays_batches(loader, loader.dataset, loader.finisher))
         assert loaders.train.finisher.erase is not None and loaders.val.finisher.erase is None
+
+
+@pytest.fixture(scope="module")
+def shards(images, tmp_path_factory):
+    """``images`` as webdataset shards (scripts/write_shards.py in this process; original bytes)."""
+    from test_data_shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    code, log = write_shards("data=folder", f"data.root={images}", "--shard-size", "4KB", "--num-workers", "1", out=out)
+    assert code == 0, log[-3000:]
+    return out
+
+
+def wds_cfg(root, **kw):
+    return OmegaConf.create({**dict(name="wds", root=str(root), num_classes=3, img_size=32, batch_size=4, num_workers=0,
+                                    persistent_workers=False, train_split="train", val_split="val", mode="indexed",
+                                    shuffle="global", shuffle_window=2), **kw})
+
+
+@pytest.mark.parametrize("shuffle, workers", [("global", 2), ("shards", 0)])
+def test_indexed_shard_batches_finished_on_the_device_are_todays_bit_for_bit(shards, shuffle, workers):
+    loaders = build_loaders(wds_cfg(shards, shuffle=shuffle, num_workers=workers), DEIT, seed=4)
+    for split in ("train", "val"):
+        loader = getattr(loaders, split)
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            check_epoch(loader, todays_batches(loader, loader.dataset, loader.finisher))
+
+
+def test_streaming_shard_batches_finished_on_the_device_are_todays_bit_for_bit(shards):
+    """``data.mode=streaming`` with ``num_workers=0``: the reference reads the same stream in this process."""
+    loaders = build_loaders(wds_cfg(shards, mode="streaming", shuffle_buffer=4), DEIT, seed=4)
+    for split in ("train", "val"):
+        loader = getattr(loaders, split)
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            samples = list(loader.dataset)
+            reference = [(torch.stack([todays_finished_sample(loader.finisher, x, seed) for x, _, seed in chunk]),
+                          torch.tensor([label for _, label, _ in chunk]))
+                         for chunk in (samples[lo:lo + 4] for lo in range(0, len(samples), 4))]
+            # Streaming validation reads every shard once, so its length is known only once read (6 samples).
+            check_epoch(loader, reference, length=None if split == "train" else 2)
+    assert loaders.train.finisher.erase is not None and loaders.val.finisher.erase is None
 
 
 def test_synthetic_batches_are_todays_bit_for_bit():
