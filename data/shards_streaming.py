@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import random
 
@@ -86,7 +87,11 @@ class StreamingShards(IterableDataset):
         self._skipped = mp.get_context().Value("q", 0)
 
     def num_batches(self) -> int:
-        return max((self.size // self.world_size) // self.batch_size, 1)
+        """Batches per rank and epoch: training drops a last partial batch; validation keeps it (an estimate
+        on several ranks, whose shares follow the shards they read)."""
+        if self.train:
+            return max((self.size // self.world_size) // self.batch_size, 1)
+        return max(math.ceil(self.size / self.world_size / self.batch_size), 1)
 
     def _my_shards(self, worker: int) -> list[str]:
         order = list(self.urls)
@@ -218,7 +223,7 @@ def build_streaming(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 
     loaders, sizes, limits = {}, {}, file_limits(data_cfg)
     for split_key, train in (("train_split", True), ("val_split", False)):
         urls, n = shard_list(data_cfg, split_key)
-        transform = (TrainSampleTransform(aug_cfg, size) if train else
+        transform = (TrainSampleTransform(aug_cfg, size, jpeg_draft=bool(data_cfg.get("jpeg_draft", False))) if train else
                      EvalSampleTransform(size, bool(_aug_get(aug_cfg, "test_crop", True)),
                                          _aug_get(aug_cfg, "interpolation", "bicubic")))
         ds = StreamingShards(urls, n, transform, train=train, batch_size=batch, rank=rank, world_size=world_size,
