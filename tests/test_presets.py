@@ -2,7 +2,8 @@
 
 * every preset composes, validates and builds its full-size model (on the meta device: no memory, no time)
   with the paper's parameter count;
-* every resolved value of ``in1k_focalnet_tiny_lrf`` equals the recipe in ../shared/reference/FOCALNET.md,
+* every resolved value of ``in1k_focalnet_tiny_lrf`` equals the paper's recipe (Sec. 4.1 and the official
+  configs/focalnet_tiny_lrf.yaml + config.py at 9253a7f),
   and the linear scaling rule turns it into the paper's LR at total batch 1024, whatever the GPU count;
 * all ImageNet-1K presets share one recipe and differ only in model and drop path (likewise for 22K);
 * (slow) every preset trains for two steps through ``train.py`` with its own architecture shrunk to a few
@@ -95,7 +96,7 @@ def test_preset_composes_validates_and_builds_the_paper_model(name):
 
 
 def test_tiny_lrf_every_value_matches_the_paper_recipe():
-    """../shared/reference/FOCALNET.md, "The paper's training recipe", value by value."""
+    """The paper's recipe (Sec. 4.1; official config.py and configs/focalnet_tiny_lrf.yaml), value by value."""
     cfg = copy.deepcopy(resolved("in1k_focalnet_tiny_lrf"))
     assert cfg["model"] == {"name": "focalnet_tiny_lrf", "library": "focalnet", "num_classes": 1000,
                             "drop_path_rate": 0.2, "pretrained": None, "grad_checkpointing": False, "kwargs": {}}

@@ -214,3 +214,12 @@ def test_readme_run_blocks(block, tmp_path):
         run_dir = tmp_path / "outputs" / "digits"
         assert (run_dir / "metrics.png").is_file() and (run_dir / "modulation.png").is_file()
         assert "predicted" in proc.stdout
+
+
+def test_no_file_cites_notes_users_do_not_have():
+    """Facts in code, configs and docs cite public sources (paper, official files at a commit, issues); the
+    team's internal notes directory is not shipped, so a reference to it is a dead end for users."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    internal = "/".join(["..", "shared"])  # spelled apart so this file does not match itself
+    citing = [f for f in files if (ROOT / f).is_file() and internal in (ROOT / f).read_text(errors="ignore")]
+    assert not citing, f"these files cite {internal}/, which users never have: {citing}"
