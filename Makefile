@@ -46,6 +46,7 @@ bench: install ## the model, training-loop and data benchmarks (tables with rati
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_data.py
 	$(BIN)/python scripts/bench_pixels.py
+	$(BIN)/python scripts/bench_transfer.py
 	$(BIN)/python scripts/bench_detectors.py
 
 demo: install ## train FocalNet-Micro on handwritten digits on the CPU (a few minutes)

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from focalnet.data.loaders import EpochLoader, Loaders  # noqa: E402
 from focalnet.schema import DATA_SCHEMAS, AugConfig, DataConfig, parse  # noqa: E402
 
-Builder = Callable[..., Loaders]  # (data: DataConfig, aug: AugConfig, *, rank, world_size, seed) -> Loaders
+Builder = Callable[..., Loaders]  # (data: DataConfig, aug: AugConfig, *, rank, world_size, seed, pin_memory) -> Loaders
 
 # data.name -> its builder, as "module:function", imported on first use (FFCV and the augmentation kernels
 # load only when a run needs them). register_builder adds others.
@@ -51,8 +51,12 @@ def register_builder(name: str, schema: type[DataConfig] = DataConfig) -> Callab
     return deco
 
 
-def build_loaders(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build_loaders(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                  pin_memory: bool = False) -> Loaders:
     """The train and val loaders (see :mod:`focalnet.data.loaders` for the contract).
+
+    ``pin_memory=True``: hand batches over in page-locked memory, so that copies to a CUDA device are
+    asynchronous (``non_blocking``) DMA transfers.
 
     ``data_cfg`` and ``aug_cfg`` may be mappings, DictConfigs or :mod:`focalnet.schema` instances; they are
     checked against the schema, and keys they lack take the schema's defaults (``aug_cfg=None``: the recipe's).
@@ -62,7 +66,7 @@ def build_loaders(data_cfg, aug_cfg=None, *, rank: int = 0, world_size: int = 1,
     if isinstance(builder, str):
         module, function = builder.split(":")
         builder = getattr(importlib.import_module(module), function)
-    return builder(data, aug, rank=rank, world_size=world_size, seed=seed)
+    return builder(data, aug, rank=rank, world_size=world_size, seed=seed, pin_memory=pin_memory)
 
 
 def _folder_num_classes(root, split="train"):

@@ -144,12 +144,13 @@ def _materialize_from_cfg(data: DigitsData | DigitsFFCVData) -> str:
                        jpeg_quality=data.jpeg_quality)
 
 
-def build_digits(data: DigitsData, aug: AugConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build_digits(data: DigitsData, aug: AugConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 pin_memory: bool = False) -> Loaders:
     """The digits ImageFolder (written on first use) through the ImageNet folder pipeline."""
     _materialize_from_cfg(data)
     train, val, num_classes = folder_samples(data)
     return make_loaders(train, val, num_classes, data, aug, rank=rank, world_size=world_size,
-                        seed=seed, info={"root": _expand(data.root)})
+                        seed=seed, pin_memory=pin_memory, info={"root": _expand(data.root)})
 
 
 # ------------------------------------------------------------------------------------------------ FFCV
@@ -185,12 +186,13 @@ def write_betons(data: DigitsFFCVData, out_dir: str) -> str:
 
 
 def build_digits_ffcv(data: DigitsFFCVData, aug: AugConfig, *, rank: int = 0, world_size: int = 1,
-                      seed: int = 0) -> Loaders:
+                      seed: int = 0, pin_memory: bool = False) -> Loaders:
     """The digits as FFCV files (written from the digits folder on first use) through the FFCV loader."""
     from focalnet.data.ffcv_loader import build_ffcv, require_ffcv
 
     require_ffcv()
     beton_dir = write_betons(replace(data, root=_materialize_from_cfg(data)), data.beton_dir)
-    loaders = build_ffcv(replace(data, root=beton_dir), aug, rank=rank, world_size=world_size, seed=seed)
+    loaders = build_ffcv(replace(data, root=beton_dir), aug, rank=rank, world_size=world_size, seed=seed,
+                         pin_memory=pin_memory)
     loaders.info["root"] = beton_dir
     return loaders

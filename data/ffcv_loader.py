@@ -5,13 +5,18 @@ threaded code. It has no RandAugment or RandomErasing, and its crop decoders res
 ``INTER_AREA`` (not the recipe's bicubic; at ImageNet sizes ~0.5-0.9 ms per image, 5x torch's
 antialiased bicubic). So FFCV's decoder here only decodes, into a flat max-size buffer, and everything
 after runs per sample in a process pool (``data.num_workers`` processes) with the folder path's own
-code: RandomResizedCrop (timm's draws, torch's antialiased bicubic), flip, RandAugment, normalize and
-RandomErasing for training (:class:`focalnet.data.transforms.TrainSampleTransform` + :class:`BatchFinisher`);
-the official resize + center crop (PIL) for evaluation (:class:`focalnet.data.transforms.EvalSampleTransform`).
+code: RandomResizedCrop (timm's draws, torch's antialiased bicubic), flip and RandAugment for training
+(:class:`focalnet.data.transforms.TrainSampleTransform`); the official resize + center crop (PIL) for evaluation
+(:class:`focalnet.data.transforms.EvalSampleTransform`). The pool writes uint8 batches; normalization and
+RandomErasing run on the training device (:class:`focalnet.data.transforms.BatchFinisher`, as for every path).
 For the same seed, a raw-pixel ``.beton`` of unresized images gives the folder path's batches bit for bit
 (``tests/test_data_ffcv.py``); JPEG-stored images were re-encoded by the writer and are decoded by FFCV's
 libjpeg-turbo call (1 grey level from PIL's decode of the same bytes on average), and images above
 ``--max-resolution`` were shrunk by the writer (``scripts/bench_pixels.py`` measures each).
+
+The training thread only takes finished batches: a feeder thread receives FFCV's decoded batches, copies the
+pixels into the pool's input ring, keeps :data:`AHEAD` batches in the pool and queues finished ones (copied
+into pinned memory when a CUDA device trains).
 
 Determinism and resume: the sample order is :class:`focalnet.data.loaders.ResumableDistributedSampler`'s (a
 function of seed and epoch, sharded over ranks, resumable at any batch), installed as FFCV's traversal
@@ -28,11 +33,13 @@ Bad images were skipped when the ``.beton`` was written (``scripts/write_ffcv.py
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import multiprocessing as mp
 import os
 import queue
+import threading
 from collections import deque
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -42,7 +49,7 @@ import torch
 from PIL import Image
 
 from focalnet.data.folder import DataConfigError
-from focalnet.data.loaders import Loaders, ResumableDistributedSampler, leave_shutdown_to_parent
+from focalnet.data.loaders import DeviceLoader, Loaders, ResumableDistributedSampler, leave_shutdown_to_parent
 from focalnet.data.transforms import (
     BatchFinisher,
     EvalSampleTransform,
@@ -134,15 +141,14 @@ def label_pipeline() -> list:
 
 
 class SampleStage:
-    """Decoded (H, W, 3) uint8 image + sample seed -> finished (3, S, S) float32, in ``out``.
+    """Decoded (H, W, 3) uint8 image + sample seed -> augmented (3, S, S) uint8, in ``out``.
 
-    Training: RandomResizedCrop, flip, RandAugment (under the seed), then normalize + RandomErasing;
-    evaluation: the official resize + center crop (or squash), then normalize. The folder path's code.
+    Training: RandomResizedCrop, flip, RandAugment (under the seed); evaluation: the official resize + center
+    crop (or squash). The folder path's code.
     """
 
     def __init__(self, aug: AugConfig, img_size: int, train: bool):
         self.train = train
-        self.finisher = BatchFinisher(aug, train=train)
         if train:
             self.tf = TrainSampleTransform(aug, img_size)
         else:
@@ -155,14 +161,17 @@ class SampleStage:
             x = torch.from_numpy(aug).permute(2, 0, 1)  # (3, S, S) uint8 view
         else:
             x = self.tf(Image.fromarray(arr))  # (3, S, S) uint8; no random draw
-        return self.finisher.finish_one(x, seed, out=out, preserve=preserve)
+        return out.copy_(x)
 
 
 # Process-pool side. The stage, a shared-memory ring of packed decoded images (in) and the shared output
 # batches (:class:`BatchBuffers`) are inherited at fork: tasks carry only indices, seeds and sizes, because
 # pushing images through the pool's pipes costs about as much as the augmentation itself.
 _POOL: dict = {}
-_RING_SLOTS = 3  # input slots: batches in the pool (at most 2) + the one being copied in
+AHEAD = 2  # batches being augmented in the pool while the training thread trains
+QUEUED = 2  # finished batches waiting for the training thread
+_RING_SLOTS = AHEAD + 1  # input slots: the batches in the pool + the one being copied in
+_DONE = object()
 
 
 def _pool_init(stage: SampleStage, ring_in: torch.Tensor, outputs: list[torch.Tensor]) -> None:
@@ -188,23 +197,23 @@ def read_sidecar(path: str) -> dict:
 
 
 class BatchBuffers:
-    """Shared-memory output batches that the pool writes into and the caller receives without a copy.
+    """Shared-memory uint8 output batches that the pool writes into and the caller receives without a copy.
 
     A batch buffer is reused once nobody holds it: its storage has no user left besides this object (the
     caller dropped the batch and every view of it; torch counts storage users). Copying each finished batch
-    out of a fixed ring instead cost 0.05-0.25 ms per image in the training process (19 MB per batch of 32,
-    plus page faults and zeroing when the copy is a fresh tensor). A caller that keeps batches (e.g.
-    ``list(loader)``) is served from ``spare`` buffers, copied out as before; nothing is ever overwritten
-    while someone can see it.
+    out of a fixed ring instead cost 0.05-0.25 ms per image in the training process (plus page faults and
+    zeroing when the copy is a fresh tensor). A caller that keeps batches (e.g. ``list(loader)``) is served
+    from ``spare`` buffers, copied out as before; nothing is ever overwritten while someone can see it.
     """
 
-    # recycled: the caller's batch, the one before it (its loop variable is still bound during next()) and
-    # the 2 in the pool; spare: the 2 in the pool when the caller keeps every batch it got.
-    RECYCLED, SPARE = 4, 2
+    # recycled: the caller's batch, the one before it (its loop variable is still bound during next()), the
+    # queued ones, the one the feeder is queueing and those in the pool; spare: the ones in the pool when the
+    # caller keeps every batch it got.
+    RECYCLED, SPARE = 3 + QUEUED + AHEAD, AHEAD
 
     def __init__(self, shape: tuple[int, ...], recycled: int = RECYCLED, spare: int = SPARE):
         # Separate tensors, not slices of one: the use count is per storage.
-        self.buffers = [torch.empty(shape).share_memory_() for _ in range(recycled + spare)]
+        self.buffers = [torch.empty(shape, dtype=torch.uint8).share_memory_() for _ in range(recycled + spare)]
         self.recycled = recycled if hasattr(torch._C, "_storage_Use_Count") else 0
         self.busy: set[int] = set()  # given to the pool, not yet handed out
 
@@ -221,7 +230,7 @@ class BatchBuffers:
 
     def hand_out(self, k: int, n: int) -> torch.Tensor:
         self.busy.discard(k)
-        batch = self.buffers[k][:n]  # (n, 3, S, S) float32: a new view, so it counts while it lives
+        batch = self.buffers[k][:n]  # (n, 3, S, S) uint8: a new view, so it counts while it lives
         return batch if k < self.recycled else batch.clone()
 
 
@@ -230,7 +239,7 @@ class FFCVEpochLoader:
 
     def __init__(self, path: str, *, train: bool, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int, img_size: int, aug: AugConfig, os_cache: bool = True, batches_ahead: int = 3,
-                 decode_threads: int | None = None):
+                 decode_threads: int | None = None, pin_memory: bool = False):
         require_ffcv()
         from ffcv.loader import Loader, OrderOption
         from ffcv.reader import Reader
@@ -249,6 +258,8 @@ class FFCVEpochLoader:
         self.sampler = ResumableDistributedSampler(len(self.valid), batch_size=batch_size, rank=rank,
                                                    world_size=world_size, seed=seed, shuffle=train, train=train)
         self.stage = SampleStage(aug, int(img_size), train)
+        self.finisher = BatchFinisher(aug, train=train)
+        self.img_size, self.pin_memory = int(img_size), pin_memory
         self.num_workers = int(num_workers)
         # Decoding is about a quarter of the per-image work (the crop, RandAugment and erasing in the pool
         # are the rest): more decode threads than that only oversubscribe the cores.
@@ -302,28 +313,24 @@ class FFCVEpochLoader:
         return {"skipped_images": 0, "skipped_at_write": self.skipped_at_write}
 
     def _start(self, b: int, images: torch.Tensor, seeds: list[int], sizes: np.ndarray):
-        """Start the per-sample stage for batch ``b`` (decoded, packed images); returns what :meth:`_finish` needs."""
-        n = images.shape[0]
-        if self.pool is None:
-            return None, None, n, [
-                self.stage(images[i, :h * w * 3].numpy().reshape(h, w, 3), seeds[i], None, preserve=True)
-                for i, (h, w) in enumerate(sizes.tolist())]
-        slot = b % _RING_SLOTS
+        """Copy batch ``b``'s decoded, packed images into the pool's input ring and start their augmentation;
+        returns what :meth:`_finish` needs."""
+        slot = b % _RING_SLOTS  # free: the batch that used it before is done (at most AHEAD are in the pool)
         for i, (h, w) in enumerate(sizes.tolist()):  # FFCV reuses its buffers: copy the pixels out now
             self.ring_in[slot, i, :h * w * 3].copy_(images[i, :h * w * 3])
+        n = images.shape[0]
         out = self.outputs.acquire()
         step = -(-n // self.num_workers)
         tasks = [(slot, out, lo, min(lo + step, n), seeds[lo:lo + step], sizes[lo:lo + step].tolist())
                  for lo in range(0, n, step)]
         try:
-            return [self.pool.submit(_process_range, t) for t in tasks], out, n, None
+            return [self.pool.submit(_process_range, t) for t in tasks], out, n
         except BrokenExecutor as e:
             self.outputs.busy.discard(out)
             raise self._died() from e
 
-    def _finish(self, result, out, n, inline, labels):
-        if result is None:
-            return torch.stack(inline), labels  # (B, 3, S, S) float32, finished in this process
+    def _finish(self, result, out, n) -> torch.Tensor:
+        """Wait for a started batch; returns it (uint8 (n, 3, S, S)), in pinned memory when asked."""
         try:
             for future in result:
                 future.result()  # re-raises a worker's error here
@@ -334,7 +341,13 @@ class FFCVEpochLoader:
             futures_wait(result)  # the batch's other tasks may still be writing into the buffer
             self.outputs.busy.discard(out)
             raise
-        return self.outputs.hand_out(out, n), labels
+        batch = self.outputs.hand_out(out, n)
+        if self.pin_memory:  # the shared buffer is free again as soon as this copy is made
+            batch = torch.empty(batch.shape, dtype=batch.dtype, pin_memory=True).copy_(batch)
+        return batch
+
+    def _new_batch(self, n: int) -> torch.Tensor:
+        return torch.empty((n, 3, self.img_size, self.img_size), dtype=torch.uint8, pin_memory=self.pin_memory)
 
     @staticmethod
     def _died() -> RuntimeError:
@@ -342,33 +355,102 @@ class FFCVEpochLoader:
                             "Resume from the last checkpoint, perhaps with fewer data.num_workers or a smaller "
                             "data.batch_size.")
 
-    def __iter__(self):
+    def handover(self):
+        """This epoch's batches from the set position: ``(images uint8 (B, 3, S, S), labels, seeds)``."""
         pairs = list(self.sampler)  # [(position in self.valid, sample seed)] for this rank, from start_batch
         if not pairs:
-            return
+            return iter(())
         order = self.valid[np.array([p for p, _ in pairs], dtype=np.int64)]
         self._order_cls.order = order
         seeds = [s for _, s in pairs]
+        threads = torch.get_num_threads()  # FFCV's compiler sets torch's thread count: each batch restores it
+        return self._inline(order, seeds, threads) if self.pool is None else self._fed(order, seeds, threads)
+
+    def __iter__(self):
+        return iter(DeviceLoader(self, "cpu"))
+
+    def _decoded(self, order: np.ndarray, seeds: list[int], threads: int):
+        """FFCV's decoded batches: ``(packed images, labels int64, seeds, sizes)``."""
         bs = self.batch_size
-        threads = torch.get_num_threads()
         it = iter(self.loader)
-        pending: deque = deque()
         try:
             for b, (images, labels) in enumerate(_batches(it)):
                 torch.set_num_threads(threads)
                 labels = labels.view(-1).long().clone()  # FFCV reuses its buffers: copy out
-                sizes = self.sizes[order[b * bs:(b + 1) * bs].astype(np.int64)]
-                pending.append((*self._start(b, images, seeds[b * bs:(b + 1) * bs], sizes), labels))
-                if len(pending) > 1:  # keep one batch in flight in the pool while the caller trains
-                    yield self._finish(*pending.popleft())
-            while pending:
-                yield self._finish(*pending.popleft())
+                yield images, labels, seeds[b * bs:(b + 1) * bs], self.sizes[order[b * bs:(b + 1) * bs].astype(np.int64)]
         finally:
             it.close()
-            for result, out, *_ in pending:  # an abandoned epoch: let the pool finish with its buffers
-                if result is not None:
-                    futures_wait(result)
-                    self.outputs.busy.discard(out)
+
+    def _inline(self, order: np.ndarray, seeds: list[int], threads: int):
+        """No pool (``data.num_workers=0``): every sample is augmented here, in the caller's thread."""
+        for images, labels, batch_seeds, sizes in self._decoded(order, seeds, threads):
+            batch = self._new_batch(images.shape[0])
+            for i, (h, w) in enumerate(sizes.tolist()):
+                self.stage(images[i, :h * w * 3].numpy().reshape(h, w, 3), batch_seeds[i], batch[i], preserve=True)
+            yield batch, labels, batch_seeds
+
+    def _fed(self, order: np.ndarray, seeds: list[int], threads: int):
+        """The pool's batches, taken from a queue that :meth:`_feed` fills in its own thread."""
+        ready: queue.Queue = queue.Queue(maxsize=QUEUED)
+        stop = threading.Event()
+        feeder = threading.Thread(target=self._feed, args=(order, seeds, threads, ready, stop),
+                                  name="ffcv-feeder", daemon=True)
+        feeder.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                torch.set_num_threads(threads)  # in this thread too (the feeder's FFCV calls may change it)
+                yield item
+        finally:  # also when the caller abandons the epoch: stop the feeder, let the pool finish its buffers
+            stop.set()
+            while feeder.is_alive():
+                try:
+                    ready.get(timeout=0.05)  # unblock a feeder waiting to queue a batch
+                except queue.Empty:
+                    pass
+            feeder.join()
+
+    def _feed(self, order: np.ndarray, seeds: list[int], threads: int, ready: queue.Queue,
+              stop: threading.Event) -> None:
+        """Feeder thread: copy-in, keep :data:`AHEAD` batches in the pool, queue finished ones (or the error)."""
+        pending: deque = deque()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def put_oldest() -> bool:
+            started, labels, batch_seeds = pending.popleft()
+            return put((self._finish(*started), labels, batch_seeds))
+
+        try:
+            with contextlib.closing(self._decoded(order, seeds, threads)) as decoded:
+                for b, (images, labels, batch_seeds, sizes) in enumerate(decoded):
+                    if stop.is_set():
+                        return
+                    pending.append((self._start(b, images, batch_seeds, sizes), labels, batch_seeds))
+                    while len(pending) > AHEAD:
+                        if not put_oldest():
+                            return
+            while pending:
+                if not put_oldest():
+                    return
+            put(_DONE)
+        except BaseException as e:  # raised in the training thread by _fed
+            put(e)
+        finally:
+            for (result, out, _), *_ in pending:  # an abandoned epoch: let the pool finish with its buffers
+                futures_wait(result)
+                self.outputs.busy.discard(out)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -408,7 +490,7 @@ def pool_shared_bytes(path: str, batch_size: int, img_size: int) -> int:
     meta = reader.metadata[f"f{FFCVEpochLoader._field_index(reader, IMAGE_FIELD)}"]
     packed = int((meta["height"].astype(np.int64) * meta["width"].astype(np.int64)).max()) * 3
     outputs = BatchBuffers.RECYCLED + BatchBuffers.SPARE
-    return _RING_SLOTS * batch_size * packed + outputs * batch_size * 3 * img_size * img_size * 4
+    return _RING_SLOTS * batch_size * packed + outputs * batch_size * 3 * img_size * img_size  # uint8
 
 
 def check_shared_memory(paths: list[tuple[str, str]], batch_size: int, img_size: int,
@@ -440,13 +522,14 @@ def _beton_path(data: FFCVData, key: str) -> str:
     return path
 
 
-def build_ffcv(data: FFCVData, aug: AugConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build_ffcv(data: FFCVData, aug: AugConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+               pin_memory: bool = False) -> Loaders:
     require_ffcv()
     train_path, val_path = _beton_path(data, "train_path"), _beton_path(data, "val_path")
     num_classes = data.num_classes
     common = dict(batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
                   num_workers=data.num_workers, img_size=data.img_size, aug=aug, os_cache=data.os_cache,
-                  batches_ahead=data.batches_ahead, decode_threads=data.decode_threads)
+                  batches_ahead=data.batches_ahead, decode_threads=data.decode_threads, pin_memory=pin_memory)
     if common["num_workers"] > 0:
         check_shared_memory([(train_path, "train_path"), (val_path, "val_path")], common["batch_size"],
                             common["img_size"])

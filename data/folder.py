@@ -23,9 +23,9 @@ Layouts
   the ImageNet-1K classes are scattered); when the file's integers disagree, one warning says how many and
   the synset wins. ``data.map_labels=file`` takes the integers as written instead (paths without a synset).
 
-Every dataset yields ``(uint8 image (3, S, S), label, sample seed)``; the loader's collate function
-(:class:`focalnet.data.transforms.FinishingCollate`, in the worker) turns them into the contract's normalized float
-batches with per-sample random erasing. Unreadable images are
+Every dataset yields ``(uint8 image (3, S, S), label, sample seed)``; the loader hands them over as uint8
+batches with their seeds, and :class:`focalnet.data.transforms.BatchFinisher` normalizes and erases them on the
+training device (see :mod:`focalnet.data.loaders`). Unreadable images are
 skipped, counted in shared memory (workers are processes) and replaced deterministically by the next
 index, so every rank keeps the same batch count and size.
 """
@@ -53,7 +53,6 @@ from focalnet.data.transforms import (
     BadImage,
     BatchFinisher,
     EvalSampleTransform,
-    FinishingCollate,
     TrainSampleTransform,
     open_image,
     seeded,
@@ -302,12 +301,11 @@ class ImageFileDataset(Dataset):
 
 
 class FolderEpochLoader(EpochLoader):
-    """:class:`EpochLoader` whose uint8 samples are finished into normalized float batches (with random
-    erasing in training) by ``finisher`` inside the collate function, i.e. in the loader workers."""
+    """:class:`EpochLoader` handing over uint8 batches that ``finisher`` normalizes (and erases, in training)
+    on the training device."""
 
     def __init__(self, dataset: ImageFileDataset, finisher: BatchFinisher, **kwargs):
-        super().__init__(dataset, collate_fn=FinishingCollate(finisher), **kwargs)
-        self.finisher = finisher
+        super().__init__(dataset, finisher=finisher, **kwargs)
 
 
 def file_limits(data: DataConfig) -> dict:
@@ -321,7 +319,7 @@ def file_limits(data: DataConfig) -> dict:
 
 
 def make_loaders(train_samples: Samples, val_samples: Samples, num_classes: int, data: DataConfig, aug: AugConfig,
-                 *, rank: int, world_size: int, seed: int, info: dict | None = None,
+                 *, rank: int, world_size: int, seed: int, pin_memory: bool = False, info: dict | None = None,
                  dataset: Callable[..., ImageFileDataset] = ImageFileDataset,
                  sampler: Callable[..., ResumableDistributedSampler] = ResumableDistributedSampler.for_dataset,
                  ) -> Loaders:
@@ -339,7 +337,7 @@ def make_loaders(train_samples: Samples, val_samples: Samples, num_classes: int,
         order = sampler(ds, batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed, shuffle=train,
                         train=train)
         return FolderEpochLoader(ds, BatchFinisher(aug, train=train), sampler=order, num_workers=data.num_workers,
-                                 persistent_workers=data.persistent_workers, seed=seed)
+                                 persistent_workers=data.persistent_workers, seed=seed, pin_memory=pin_memory)
 
     return Loaders(train=loader(train_ds, True), val=loader(val_ds, False), num_classes=num_classes,
                    info={"train_size": len(train_ds), "val_size": len(val_ds), **(info or {})})
@@ -376,9 +374,10 @@ def dataset_samples(data_cfg) -> tuple[Samples, Samples, int]:
 
 
 def build_image_files(data: ImageFolderData, aug: AugConfig, *, rank: int = 0, world_size: int = 1,
-                      seed: int = 0) -> Loaders:
+                      seed: int = 0, pin_memory: bool = False) -> Loaders:
     train, val, num_classes = dataset_samples(data)
-    return make_loaders(train, val, num_classes, data, aug, rank=rank, world_size=world_size, seed=seed)
+    return make_loaders(train, val, num_classes, data, aug, rank=rank, world_size=world_size, seed=seed,
+                        pin_memory=pin_memory)
 
 
 def imagenet22k_samples(data_cfg) -> tuple[Samples, Samples, int]:

@@ -1,6 +1,6 @@
 """The loader contract between ``data`` and ``focalnet.engine``.
 
-``build_loaders(data_cfg, aug_cfg, rank=, world_size=, seed=)`` returns :class:`Loaders`:
+``build_loaders(data_cfg, aug_cfg, rank=, world_size=, seed=, pin_memory=)`` returns :class:`Loaders`:
 
 * ``train``: an :class:`EpochLoader`-like object. ``len(train)`` is the number of batches per epoch on
   this rank (identical on every rank). ``train.set_epoch(epoch, start_batch)`` fixes the epoch's sample
@@ -8,7 +8,13 @@
   ``start_batch``: this is how a run resumes exactly in the middle of an epoch.
 * ``val``: iterates over every validation sample exactly once across all ranks (no padding, no dropped
   samples), so counts summed over ranks equal the size of the validation set.
-* Batches are ``(images, targets)``: float tensors (B, C, H, W), normalized; int64 class indices.
+* ``loader.handover()`` yields the batches as the workers hand them over: ``(images, targets, seeds)`` with
+  ``images`` uint8 (B, C, H, W) (the synthetic data's float pixels stay float), ``targets`` int64 class indices
+  and ``seeds`` the samples' augmentation seeds (Python ints, or None); in pinned memory when the loaders were
+  built with ``pin_memory=True`` (a CUDA device trains). ``loader.finisher`` (a
+  :class:`focalnet.data.transforms.BatchFinisher`, or None) normalizes and erases them. :class:`DeviceLoader` moves
+  batches to the training device (a side stream and one batch ahead on CUDA) and finishes them there; iterating
+  a loader itself gives the same finished batches on the CPU: ``(images float (B, C, H, W), targets)``.
   Mixup/CutMix is *not* applied here: the engine applies it on batches, for every pipeline alike.
 * ``stats()`` on a loader returns counters such as ``{"skipped_images": n}`` (may be empty).
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import signal
 import threading
@@ -30,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 
 @dataclass
@@ -137,20 +144,40 @@ class ResumableDistributedSampler(Sampler):
         return max(len(self._indices()) - self.start_batch * self.batch_size, 0)
 
 
+def handover_collate(samples) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+    """DataLoader ``collate_fn``: ``(image, label[, seed])`` samples -> ``(images, labels, seeds)``.
+
+    Images keep their dtype (uint8 from the image pipelines) and are stacked into one contiguous (B, C, H, W)
+    tensor, in shared memory when this runs in a worker process (as ``default_collate`` does), so the training
+    process receives it without a copy. Finishing (normalize, erase) happens where the batch is trained on.
+    """
+    images = [s[0] for s in samples]
+    shape = (len(images), *images[0].shape)
+    out = None
+    if get_worker_info() is not None:
+        storage = images[0]._typed_storage()._new_shared(math.prod(shape))
+        out = images[0].new(storage).view(shape)
+    batch = torch.stack(images, out=out)
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    seeds = [int(s[2]) for s in samples] if len(samples[0]) > 2 else None
+    return batch, labels, seeds
+
+
 class EpochLoader:
     """A ``torch.utils.data.DataLoader`` over a map-style dataset taking ``(index, seed)`` keys, in the order of
-    ``sampler`` (a :class:`ResumableDistributedSampler`, by default over ``range(len(dataset))``)."""
+    ``sampler`` (a :class:`ResumableDistributedSampler`, by default over ``range(len(dataset))``); batches are
+    handed over unfinished (:func:`handover_collate`) and finished by ``finisher`` (see the module docstring)."""
 
     def __init__(self, dataset: Dataset, *, sampler: ResumableDistributedSampler | None = None,
                  batch_size: int | None = None, rank: int = 0, world_size: int = 1, seed: int, train: bool = True,
-                 num_workers: int = 0, pin_memory: bool = False, collate_fn=None, persistent_workers: bool = False):
-        self.dataset = dataset
+                 num_workers: int = 0, pin_memory: bool = False, finisher=None, persistent_workers: bool = False):
+        self.dataset, self.finisher = dataset, finisher
         self.sampler = sampler if sampler is not None else ResumableDistributedSampler(
             len(dataset), batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
             shuffle=train, train=train)
         self.loader = DataLoader(
             dataset, batch_size=self.sampler.batch_size, sampler=self.sampler, num_workers=num_workers,
-            drop_last=False, pin_memory=pin_memory, collate_fn=collate_fn,
+            drop_last=False, pin_memory=pin_memory, collate_fn=handover_collate,
             persistent_workers=persistent_workers and num_workers > 0, worker_init_fn=leave_shutdown_to_parent,
             # A private generator: starting an iterator draws a worker base seed, which must not consume
             # the global torch RNG (exact resume restores that RNG mid-epoch, before the iterator exists).
@@ -162,9 +189,66 @@ class EpochLoader:
     def __len__(self) -> int:
         return self.sampler.num_batches()
 
-    def __iter__(self):
+    def handover(self) -> Iterator:
         return iter(self.loader)
+
+    def __iter__(self):
+        return iter(DeviceLoader(self, "cpu"))
 
     def stats(self) -> dict[str, int]:
         fn = getattr(self.dataset, "stats", None)
         return fn() if fn else {}
+
+
+class DeviceLoader:
+    """A loader's batches on ``device``, finished there: ``(images float32 (B, C, H, W), targets (B,))``.
+
+    On CUDA the copy of batch k+1 (pinned host memory -> device, ``non_blocking``) and its finishing run on a side
+    stream while the caller computes on batch k (timm's ``PrefetchLoader`` scheme); the compute stream waits for
+    the side stream only when it takes the batch, and ``record_stream`` keeps the caching allocator from reusing
+    a batch's memory while the compute stream may still read it. Nothing here waits for the device. On the CPU
+    the same code runs without streams, and the batches equal, bit for bit, those the loader workers used to
+    finish (``tests/test_gpu_path.py``).
+
+    ``bytes_to_device`` counts the bytes of every tensor handed to ``.to(device)``.
+    """
+
+    def __init__(self, loader, device: torch.device | str):
+        self.loader, self.device = loader, torch.device(device)
+        self.finisher = getattr(loader, "finisher", None)
+        self.bytes_to_device = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.loader.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _move(self, images: torch.Tensor, targets: torch.Tensor, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+        self.bytes_to_device += images.nbytes + targets.nbytes
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.finisher is not None:
+            images = self.finisher(images, seeds)
+        return images, targets
+
+    def __iter__(self):
+        batches = self.loader.handover()
+        if self.device.type != "cuda":
+            for images, targets, seeds in batches:
+                yield self._move(images, targets, seeds)
+            return
+        side = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        ready = None
+        for images, targets, seeds in batches:
+            with torch.cuda.stream(side):
+                upcoming = self._move(images, targets, seeds)
+            if ready is not None:
+                yield ready
+            compute.wait_stream(side)
+            for t in upcoming:
+                t.record_stream(compute)
+            ready = upcoming
+        if ready is not None:
+            yield ready

@@ -411,12 +411,12 @@ def resolve_shuffle(data_cfg: ShardData, root: str) -> str:
 
 
 def build_shards(data_cfg: ShardData, aug_cfg: AugConfig, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0) -> Loaders:
+                 seed: int = 0, pin_memory: bool = False) -> Loaders:
     """The builder of ``data=wds|imagenet1k_wds|imagenet22k_wds`` (``focalnet.data.build_loaders``)."""
     if data_cfg.mode == "streaming":
         from focalnet.data.shards_streaming import build_streaming
 
-        return build_streaming(data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed)
+        return build_streaming(data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed, pin_memory=pin_memory)
     root = shard_root(data_cfg)
     cache_dir = cache_dir_for(data_cfg) if is_remote(root) else None
     limit = data_cfg.cache_limit_gb
@@ -443,5 +443,5 @@ def build_shards(data_cfg: ShardData, aug_cfg: AugConfig, *, rank: int = 0, worl
              len(train), len(val), len(train.starts) - 1, len(val.starts) - 1, shuffle,
              f", cache {cache_dir}" if cache_dir else "")
     return make_loaders(train, val, num_classes, data_cfg, aug_cfg, rank=rank, world_size=world_size, seed=seed,
-                        dataset=ShardDataset, sampler=sampler,
+                        pin_memory=pin_memory, dataset=ShardDataset, sampler=sampler,
                         info={"skipped_at_write": int(splits["train_split"].meta.get("skipped", 0))})

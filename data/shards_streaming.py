@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import random
 
@@ -32,13 +33,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from focalnet.data.folder import DataConfigError, file_limits
-from focalnet.data.loaders import Loaders, sample_seed
+from focalnet.data.loaders import DeviceLoader, Loaders, handover_collate, sample_seed
 from focalnet.data.shards import is_remote, join, read_text, redact, register_url_schemes, shard_root
 from focalnet.data.transforms import (
     BadImage,
     BatchFinisher,
     EvalSampleTransform,
-    FinishingCollate,
     TrainSampleTransform,
     open_image,
     seeded,
@@ -87,7 +87,11 @@ class StreamingShards(IterableDataset):
         self._skipped = mp.get_context().Value("q", 0)
 
     def num_batches(self) -> int:
-        return max((self.size // self.world_size) // self.batch_size, 1)
+        """Batches per rank and epoch: training drops a last partial batch; validation keeps it (an estimate
+        on several ranks, whose shares follow the shards they read)."""
+        if self.train:
+            return max((self.size // self.world_size) // self.batch_size, 1)
+        return max(math.ceil(self.size / self.world_size / self.batch_size), 1)
 
     def _my_shards(self, worker: int) -> list[str]:
         order = list(self.urls)
@@ -185,11 +189,11 @@ def hash_key(key: str) -> int:
 
 
 class StreamingLoader:
-    """The loader contract (``set_epoch``, ``len``, ``stats``) over a :class:`StreamingShards` stream."""
+    """The loader contract (``set_epoch``, ``len``, ``handover``, ``finisher``, ``stats``) over a
+    :class:`StreamingShards` stream: uint8 batches handed over as the folder path's (:mod:`focalnet.data.loaders`)."""
 
-    def __init__(self, dataset: StreamingShards, finisher: BatchFinisher, num_workers: int):
-        self.dataset, self.num_workers, self.finisher = dataset, num_workers, finisher
-        self.collate = FinishingCollate(finisher)
+    def __init__(self, dataset: StreamingShards, finisher: BatchFinisher, num_workers: int, pin_memory: bool = False):
+        self.dataset, self.num_workers, self.finisher, self.pin_memory = dataset, num_workers, finisher, pin_memory
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.dataset.epoch, self.dataset.start_batch = epoch, start_batch
@@ -197,32 +201,36 @@ class StreamingLoader:
     def __len__(self) -> int:
         return self.dataset.num_batches()
 
-    def __iter__(self):
+    def handover(self):
         # Workers start afresh each epoch (never persistent): they must see this epoch's set_epoch.
         loader = DataLoader(self.dataset, batch_size=self.dataset.batch_size, num_workers=self.num_workers,
-                            collate_fn=self.collate, persistent_workers=False,
+                            collate_fn=handover_collate, pin_memory=self.pin_memory, persistent_workers=False,
                             # a private generator: starting workers must not draw from the global torch RNG
                             generator=torch.Generator().manual_seed(self.dataset.seed))
         return iter(loader)
+
+    def __iter__(self):
+        return iter(DeviceLoader(self, "cpu"))
 
     def stats(self) -> dict[str, int]:
         return self.dataset.stats()
 
 
 def build_streaming(data_cfg: ShardData, aug_cfg: AugConfig, *, rank: int = 0, world_size: int = 1,
-                    seed: int = 0) -> Loaders:
+                    seed: int = 0, pin_memory: bool = False) -> Loaders:
     size = data_cfg.img_size
     workers, batch = data_cfg.num_workers, data_cfg.batch_size
     loaders, sizes, limits = {}, {}, file_limits(data_cfg)
     for split_key, train in (("train_split", True), ("val_split", False)):
         urls, n = shard_list(data_cfg, split_key)
-        transform = (TrainSampleTransform(aug_cfg, size) if train else
-                     EvalSampleTransform(size, aug_cfg.test_crop, aug_cfg.interpolation))
+        transform = (TrainSampleTransform(aug_cfg, size, jpeg_draft=getattr(data_cfg, "jpeg_draft", False)) if train
+                     else EvalSampleTransform(size, aug_cfg.test_crop, aug_cfg.interpolation))
         ds = StreamingShards(urls, n, transform, train=train, batch_size=batch, rank=rank, world_size=world_size,
                              seed=seed, num_workers=workers, shuffle_buffer=data_cfg.shuffle_buffer,
                              num_classes=data_cfg.num_classes, name=f"{data_cfg.name}/{split_key.removesuffix('_split')}",
                              limits=limits)
-        loaders[split_key], sizes[split_key] = StreamingLoader(ds, BatchFinisher(aug_cfg, train=train), workers), n
+        finisher = BatchFinisher(aug_cfg, train=train)
+        loaders[split_key], sizes[split_key] = StreamingLoader(ds, finisher, workers, pin_memory), n
         if train and len(urls) < world_size * max(workers, 1):
             log.warning("data.%s: %d shards for %d ranks x %d workers: some read the same shard in an epoch",
                         split_key, len(urls), world_size, max(workers, 1))

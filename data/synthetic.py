@@ -34,11 +34,13 @@ class SyntheticImages(Dataset):
         return noise + self.patterns[label], label
 
 
-def build(data: SyntheticData, aug: AugConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+def build(data: SyntheticData, aug: AugConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+          pin_memory: bool = False) -> Loaders:
+    """Float pixels (not 8-bit images): handed over as float32, with nothing to finish."""
     train_ds = SyntheticImages(data.train_size, data.num_classes, data.img_size, signal=data.signal)
     val_ds = SyntheticImages(data.val_size, data.num_classes, data.img_size, offset=10_000_000, signal=data.signal)
     common = dict(batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
-                  num_workers=data.num_workers)
+                  num_workers=data.num_workers, pin_memory=pin_memory)
     return Loaders(
         train=EpochLoader(train_ds, train=True, **common),
         val=EpochLoader(val_ds, train=False, **common),

@@ -13,9 +13,8 @@ RandomErasing. We keep timm's objects for every random decision and split the wo
    pixels as a full decode (see the README). The FFCV path decodes in FFCV and runs ``crop_array`` (the
    same draws and resize on the decoded full-resolution pixels) and ``augment_array`` (flip + RandAugment).
    ``EvalSampleTransform`` is the official eval transform exactly (full decode, PIL resize + center crop).
-2. ``BatchFinisher`` (per sample, where the batch is assembled: the DataLoader worker's collate function
-   :class:`FinishingCollate`, or the FFCV path's augmentation processes): normalize, then timm
-   ``RandomErasing``. The main process receives finished float batches.
+2. ``BatchFinisher`` (per batch, on the training device after the uint8 batch was copied there): normalize,
+   then timm ``RandomErasing`` per sample. Loaders hand over uint8 batches (a quarter of float32's bytes).
 
 Every random draw is made under :func:`seeded` with the sample's seed from the sampler, so augmentation
 depends only on ``(seed, epoch, index)``, never on the worker, the process count or the resume point.
@@ -24,6 +23,7 @@ depends only on ``(seed, epoch, index)``, never on the worker, the process count
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import math
 import os
@@ -383,11 +383,15 @@ class EvalSampleTransform:
 
 
 class BatchFinisher:
-    """uint8 (B, 3, H, W) + per-sample seeds -> normalized float batch with per-sample RandomErasing.
+    """uint8 (B, 3, H, W) batch + per-sample seeds -> normalized float32 batch with per-sample RandomErasing, on
+    the batch's device (the training GPU, or the CPU).
 
-    Runs where the batch is assembled: in the loader worker (as the DataLoader's collate function, see
-    :class:`FinishingCollate`) or in the FFCV path's augmentation processes, so the main process only
-    receives finished batches. ``preserve=True`` when it runs in the main process (``num_workers=0``).
+    Loaders hand batches over as uint8 (a quarter of float32's bytes across PCIe); the engine finishes them where
+    they are trained on (:class:`focalnet.data.loaders.DeviceLoader`), as timm's ``PrefetchLoader`` does. Erasing is timm's
+    ``RandomErasing`` under a per-sample seed derived from the sample's augmentation seed: on the CPU the same
+    draws, hence the same batches bit for bit, as when the loader workers finished every sample; on a GPU the
+    rectangles are the same and the noise comes from the device's generator (same distribution). The caller's
+    random streams (Python, torch CPU and the device's) are left as they were.
     """
 
     def __init__(self, aug_cfg=None, *, train: bool, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
@@ -398,46 +402,44 @@ class BatchFinisher:
         self.erase = None
         if train and aug.reprob > 0:
             self.erase = RandomErasing(probability=aug.reprob, mode=aug.remode, max_count=aug.recount, device="cpu")
+        self._on_device: dict[torch.device, tuple] = {}  # device -> (scale, shift, eraser) there
 
-    def finish_one(self, image: torch.Tensor, seed: int | None, out: torch.Tensor | None = None,
-                   preserve: bool = True) -> torch.Tensor:
-        """uint8 (3, H, W) (any strides) -> normalized float32 (3, H, W) in ``out``, erased if training."""
-        out = torch.empty(image.shape, dtype=torch.float32) if out is None else out
-        torch.addcmul(self.shift, image.float(), self.scale, out=out)  # (x / 255 - mean) / std
-        if self.erase is not None:
-            with preserved_rng() if preserve else contextlib.nullcontext():
-                # A seed distinct from the one the worker used, so erasing is independent of the crop.
-                seed_all((int(seed) * 0x9E3779B1 + 0x7F4A7C15) & ((1 << 63) - 1))
-                self.erase(out)
-        return out
+    def _constants(self, device: torch.device) -> tuple:
+        if device not in self._on_device:
+            eraser = None
+            if self.erase is not None:
+                eraser = copy.copy(self.erase)
+                eraser.device = device  # timm draws the erasing noise on this device
+            self._on_device[device] = (self.scale.to(device), self.shift.to(device), eraser)
+        return self._on_device[device]
 
-    def __call__(self, images: torch.Tensor | Sequence[torch.Tensor], seeds: torch.Tensor | Sequence[int] | None,
-                 preserve: bool = True, shared: bool = False) -> torch.Tensor:
-        """``images``: a uint8 (B, 3, H, W) batch or B (3, H, W) samples (any strides; no stacking needed)."""
-        shape = (len(images), *images[0].shape)
-        seeds = seeds.tolist() if torch.is_tensor(seeds) else (seeds or [0] * shape[0])
-        if shared:  # in a loader worker: write straight into shared memory, as default_collate does
-            storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape))
-            x = torch.empty(0).new(storage).view(shape)  # (B, 3, H, W) float32
-        else:
-            x = torch.empty(shape, dtype=torch.float32)  # (B, 3, H, W)
-        with preserved_rng() if preserve and self.erase is not None else contextlib.nullcontext():
-            for i in range(shape[0]):  # one sample at a time: a sample fits in cache, a batch does not
-                self.finish_one(images[i], seeds[i], out=x[i], preserve=False)
+    def __call__(self, images: torch.Tensor, seeds: Sequence[int] | None) -> torch.Tensor:
+        """``images``: uint8 (B, 3, H, W) on any device; ``seeds``: the samples' augmentation seeds (Python ints,
+        needed only for erasing). Returns float32 (B, 3, H, W) on the same device."""
+        scale, shift, eraser = self._constants(images.device)
+        x = torch.addcmul(shift, images, scale)  # (x / 255 - mean) / std, in float32
+        if eraser is not None:
+            with _rng_kept(images.device):
+                for i, seed in enumerate(seeds):
+                    erase_seed = (int(seed) * 0x9E3779B1 + 0x7F4A7C15) & ((1 << 63) - 1)  # independent of the crop
+                    random.seed(erase_seed)  # the rectangles (timm draws them from Python's generator)
+                    torch.default_generator.manual_seed(erase_seed)  # the noise on the CPU
+                    if images.device.type == "cuda":
+                        torch.cuda.default_generators[images.device.index].manual_seed(erase_seed)
+                    eraser(x[i])
         return x
 
 
-class FinishingCollate:
-    """DataLoader ``collate_fn``: ``(uint8 image, label, seed)`` samples -> a finished float batch.
-
-    Each sample is normalized straight into its row of the batch: stacking the uint8 (channels-last
-    strided) samples first cost ~0.1 ms per image for nothing."""
-
-    def __init__(self, finisher: BatchFinisher):
-        self.finisher = finisher
-
-    def __call__(self, samples):
-        images = [s[0] for s in samples]  # B x (3, S, S) uint8
-        labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-        in_main = torch.utils.data.get_worker_info() is None
-        return self.finisher(images, [s[2] for s in samples], preserve=in_main, shared=not in_main), labels
+@contextlib.contextmanager
+def _rng_kept(device: torch.device):
+    """Restore Python's, torch's CPU and ``device``'s generators on exit (no host-device sync: a CUDA
+    generator's state is its seed and offset, kept on the host)."""
+    py_state, cpu_state = random.getstate(), torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)

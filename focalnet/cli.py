@@ -13,9 +13,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from focalnet.engine.distributed import register_resolvers
+from focalnet.engine.distributed import adopt_launch_env, register_resolvers
 from focalnet.layout import CONF_DIR
 
+# `srun python train.py` / `srun focalnet-train`: ranks and rendezvous from SLURM's environment, before Hydra
+# composes (the run directory's ${rank_suffix:} reads RANK)
+adopt_launch_env(exit_on_error=True)
 register_resolvers()  # ${run_id:} and ${rank_suffix:} are used by the hydra sections of conf/config.yaml, eval.yaml
 
 

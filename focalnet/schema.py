@@ -305,6 +305,9 @@ class TrainerConfig:
     save_epoch_ckpts: bool = False                    # also keep checkpoints/epoch_N.pt
     eval_every: int = value(1, ge=0)                  # validate every N epochs (0: only after the last one)
     log_every: int = value(50, ge=1)                  # steps
+    check_every_s: float = value(2.0, ge=0)           # seconds between host checks of stop signals and divergence
+    async_save: bool = True                           # write checkpoints in a background thread
+    ddp_static_graph: Literal["auto", True, False] = "auto"  # DDP static_graph (auto: our models, no accumulation)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = value(0, ge=0)
 

@@ -39,7 +39,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 from focalnet.engine.amp import AmpStep  # noqa: E402
-from focalnet.engine.build import build_model  # noqa: E402
+from focalnet.engine.build import build_model, build_optimizer  # noqa: E402
 from focalnet.engine.config import validate_config  # noqa: E402
 from focalnet.engine.distributed import DistInfo  # noqa: E402
 from focalnet.engine.trainer import TrainRun  # noqa: E402
@@ -48,7 +48,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 class InMemoryBatches:
-    """The loader interface the engine uses (len, set_epoch, iter) over a fixed list of batches."""
+    """The loader interface the engine uses (len, set_epoch, handover, finisher) over a fixed list of batches."""
+
+    finisher = None  # finished already
 
     def __init__(self, batches):
         self.batches, self.start = batches, 0
@@ -59,8 +61,8 @@ class InMemoryBatches:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __iter__(self):
-        return iter(self.batches[self.start:])
+    def handover(self):
+        return ((x, y, None) for x, y in self.batches[self.start:])
 
 
 def make_run(args, run_dir: str, clip_grad: float | None, compile: bool = False) -> TrainRun:
@@ -147,7 +149,7 @@ def main() -> None:
         device = next(iter(ours.values())).device
         torch.manual_seed(0)
         bare_model = build_model(next(iter(ours.values())).cfg["model"]).to(device)
-        bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-4, weight_decay=0.05)
+        bare_opt = build_optimizer(bare_model, next(iter(ours.values())).cfg["optimizer"], 1e-4)  # ours' kernel
         bare_amp = AmpStep(args.amp, device)  # only its autocast context
         g = torch.Generator().manual_seed(0)
         n = max(args.steps, args.warmup)

@@ -120,3 +120,25 @@ def test_bench_pixels_measures_the_folder_decode_paths(tmp_path, capsys):
                  "--dir", str(tmp_path), "--skip-ffcv"]) == 0
     rows = {line.split("|")[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("|")}
     assert rows["500x375"].startswith("|500x375|0.00 / 0|") and rows["500x375"].endswith("x|")  # eval is exact
+
+
+def test_bench_transfer_counts_a_quarter_of_the_bytes(tmp_path, capsys):
+    """In process: a subprocess would spend its time importing torch (the script itself takes a second)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_transfer", ROOT / "scripts" / "bench_transfer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--dir", str(tmp_path / "images"), "--batch-size", "4", "--img-size", "32",
+                           "--steps", "2", "--skip-ffcv"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the script sets 1
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| data=")}
+    # 4 x 3 x 32 x 32 uint8 + 4 int64 labels, against the same in float32.
+    assert "| 49,184 B" in rows["data=imagenet1k (folder)"] and "| 12,320 B" in rows["data=imagenet1k (folder)"]
+    assert rows["data=imagenet1k (folder)"].endswith("| 0.250 |") and rows["data=synthetic"].endswith("| 1.000 |")

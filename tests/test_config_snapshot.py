@@ -10,8 +10,9 @@
 
 ``tests/test_packaging.py`` checks that the installed ``focalnet-train ... --cfg job --resolve`` prints the same.
 
-The snapshot was written from the code before the config tree was restructured (issue 14) and is compared
-exactly. When a value changes on purpose, rewrite it with ``python tests/test_config_snapshot.py`` and review
+The snapshot was written from the code before the config tree was restructured (issue 14), last from the
+integration branch with the GPU hot path (issue 20: ``trainer.check_every_s``, ``async_save``,
+``ddp_static_graph``), and is compared exactly. When a value changes on purpose, rewrite it with ``python tests/test_config_snapshot.py`` and review
 the diff.
 """
 

@@ -155,9 +155,13 @@ def test_ffcv_batches_depend_only_on_seed_epoch_and_resume_exactly(betons):
 @pytest.mark.slow
 def test_raw_beton_gives_the_folder_paths_batches_bit_for_bit(tmp_path):
     """Same seed, same images (stored raw, so no decoder difference): the FFCV path's train batches (crop,
-    flip, RandAugment, erasing) and val batches (resize + center crop) are the folder path's, exactly.
+    flip, RandAugment, erasing) and val batches (resize + center crop) are the folder path's, exactly; and
+    finished on the device from uint8 handovers they equal the batches the loader workers used to finish
+    (``tests/test_gpu_path.py``'s reference), with a quarter of the bytes handed to ``.to(device)``.
     With the augmentation pool (2 workers); inline augmentation (0 workers) gives the pool's batches bit for
     bit (test_ffcv_batches_depend_only_on_seed_epoch_and_resume_exactly), so it equals the folder path too."""
+    from test_gpu_path import check_epoch, todays_batches
+
     src = tmp_path / "src"
     write_image_folder(str(src / "train"), 3, 4, size=(62, 50))  # < 2x32: the folder path never drafts
     write_image_folder(str(src / "val"), 3, 2, size=(50, 62), seed=1)
@@ -169,14 +173,10 @@ def test_raw_beton_gives_the_folder_paths_batches_bit_for_bit(tmp_path):
     ffcv = build_loaders(ffcv_cfg(tmp_path / "ffcv", num_workers=2), DEIT, seed=3)
     for split in ("train", "val"):
         for epoch in (0, 1):
-            getattr(folder, split).set_epoch(epoch)
-            getattr(ffcv, split).set_epoch(epoch)
-            ours = [(x.clone(), y.clone()) for x, y in getattr(ffcv, split)]
-            ref = list(getattr(folder, split))
-            assert len(ours) == len(ref) > 0
-            for (a, ya), (b, yb) in zip(ours, ref):
-                assert torch.equal(ya, yb)
-                assert torch.equal(a, b), f"{split} epoch {epoch}: max diff {(a - b).abs().max()}"
+            loader, twin = getattr(ffcv, split), getattr(folder, split)
+            loader.set_epoch(epoch)
+            twin.set_epoch(epoch)
+            check_epoch(loader, todays_batches(twin, twin.dataset, twin.finisher))
     ffcv.train.close()
     ffcv.val.close()
 
@@ -210,14 +210,19 @@ def test_a_killed_augmentation_process_raises_instead_of_hanging(betons):
     import multiprocessing
     import signal
 
+    from focalnet.data.ffcv_loader import AHEAD, QUEUED
+
     _, out = betons
     before = set(multiprocessing.active_children())
-    loaders = build_loaders(ffcv_cfg(out, num_workers=2), DEIT)
+    loaders = build_loaders(ffcv_cfg(out, num_workers=2, batch_size=1), DEIT)  # 12 batches of 1
     pool = set(multiprocessing.active_children()) - before  # the augmentation processes the loaders forked
     assert len(pool) == 4  # train and val: 2 each
     loaders.train.set_epoch(0)
     it = iter(loaders.train)
-    next(it)  # batch 0 done, batch 1 in the pool; batch 2 is only handed to the pool after this
+    next(it)
+    # The feeder thread is at most QUEUED + 1 finished batches and AHEAD batches in the pool ahead of us: the
+    # rest of the epoch is handed to the pool after this.
+    assert len(loaders.train) > 1 + QUEUED + 1 + AHEAD
     for proc in pool:  # as the OOM killer would; all of them, so no live process can pick up a later batch
         os.kill(proc.pid, signal.SIGKILL)
     with pytest.raises(RuntimeError, match=r"augmentation process died .* Resume from the last checkpoint"):

@@ -121,14 +121,22 @@ def test_amp_step_clips_once_and_returns_the_norm():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_non_finite_loss_stops_fp32_before_the_update():
-    model, opt, x, y = _tiny_problem()
+@pytest.mark.parametrize("fused", [True, False])  # skipped on the device (found_inf) / checked on the host
+def test_non_finite_update_is_never_applied_and_stops_fp32_at_the_check(fused):
+    model, _, x, y = _tiny_problem()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
     amp = AmpStep("none", torch.device("cpu"))
+    amp.backward(nn.functional.cross_entropy(model(x), y))
+    amp.step(opt, list(model.parameters()))  # a good update: applied
     w0 = [p.detach().clone() for p in model.parameters()]
+    steps0 = [s["step"].clone() for s in opt.state.values()]
     amp.backward(nn.functional.cross_entropy(model(x), y) * float("nan"))
-    with pytest.raises(NonFiniteLossError, match="trainer.amp=none"):
-        amp.step(opt, list(model.parameters()))
+    amp.step(opt, list(model.parameters()))  # returns: nothing was read back from the device
     assert all(torch.equal(a, p) for a, p in zip(w0, model.parameters()))
+    assert all(torch.equal(a, s["step"]) for a, s in zip(steps0, opt.state.values()))  # not even counted
+    assert (amp.skipped.item(), amp.in_a_row.item(), amp.longest_run.item()) == (1, 1, 1)
+    with pytest.raises(NonFiniteLossError, match="trainer.amp=none"):
+        amp.check()
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
@@ -203,6 +211,33 @@ def test_build_optimizer_is_the_papers_adamw_and_sgd_as_configured(compose_cfg):
     assert type(sgd) is torch.optim.SGD
     assert [(g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) for g in sgd.param_groups] == [
         (0.2, 0.9, True, 1e-4), (0.2, 0.9, True, 0.0)]
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_optimizers_take_the_fused_kernel_where_torch_has_one(compose_cfg, name):
+    """Fused on CUDA and the CPU (it also skips a non-finite update on the device), foreach elsewhere."""
+    cfg = {**validate_config(compose_cfg())["optimizer"], "name": name, "momentum": 0.9}
+    on_cpu = build_optimizer(nn.Linear(4, 2), cfg, lr=1e-3)
+    assert on_cpu.defaults["fused"] and not on_cpu.defaults["foreach"]
+    on_meta = build_optimizer(nn.Linear(4, 2, device="meta"), cfg, lr=1e-3)  # no fused kernel there
+    assert on_meta.defaults["foreach"] and not on_meta.defaults["fused"]
+
+
+def test_train_destroys_its_process_group_when_it_ends_or_stops(compose_cfg, monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    def init_group():
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / f"store{next(stores)}"), 1), rank=0,
+                                world_size=1)
+        return D.DistInfo()
+
+    stores = iter(range(2))
+    monkeypatch.setattr(D, "init_distributed", init_group)
+    train(compose_cfg("trainer.max_steps=2"))
+    assert not dist.is_initialized()
+    with pytest.raises(NonFiniteLossError):  # diverged (non-finite gradients from the first update)
+        train(compose_cfg("trainer.max_steps=2", "data.signal=1e38"))
+    assert not dist.is_initialized()
 
 
 # -- gradient accumulation through the real training loop ---------------------------------------------

@@ -6,8 +6,9 @@ Every fenced ``bash`` or ``python`` block must be preceded by a marker comment `
   temporary directory and the overrides are appended to every ``train.py`` / ``scripts/demo.py`` line (slow).
 * ``compose``: each line's Hydra config is composed (and validated) without running: ``python train.py``,
   ``python eval.py`` (or ``focalnet-train``/``focalnet-eval``), ``python scripts/train_detector.py``,
-  ``torchrun ... train.py``, ``scripts/launch_torchrun.sh``, ``scripts/write_ffcv.py`` and
-  ``scripts/write_shards.py`` (whose ``--flags`` must appear in their ``--help``). ``-m`` sweeps compose every point.
+  ``torchrun ... train.py``, ``srun ... python train.py``, ``scripts/launch_torchrun.sh``, ``scripts/write_ffcv.py``
+  and ``scripts/write_shards.py`` (whose ``--flags`` must appear in their ``--help``). ``-m`` sweeps compose every
+  point.
 * ``dry``: ``make`` lines run as ``make -n`` (the target exists and expands).
 * ``python``: the block is executed.
 * ``skip: reason``: cannot be checked here (the reason is required).
@@ -142,7 +143,7 @@ def _script_and_args(tokens: list[str]) -> tuple[str, list[str], list[str]]:
     """A command line -> (script, flags before the overrides, the remaining arguments)."""
     while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", tokens[0]):
         tokens = tokens[1:]  # VAR=value prefixes
-    if tokens[0] == "torchrun":
+    if tokens[0] in ("torchrun", "srun"):  # launcher flags, then the script (srun: after `python`)
         i = next(i for i, t in enumerate(tokens) if t.endswith(".py"))
         return tokens[i], [], tokens[i + 1:]
     if tokens[0] == "python":
@@ -217,3 +218,12 @@ def test_readme_run_blocks(block, tmp_path):
         run_dir = tmp_path / "outputs" / "digits"
         assert (run_dir / "metrics.png").is_file() and (run_dir / "modulation.png").is_file()
         assert "predicted" in proc.stdout
+
+
+def test_no_file_cites_notes_users_do_not_have():
+    """Facts in code, configs and docs cite public sources (paper, official files at a commit, issues); the
+    team's internal notes directory is not shipped, so a reference to it is a dead end for users."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    internal = "/".join(["..", "shared"])  # spelled apart so this file does not match itself
+    citing = [f for f in files if (ROOT / f).is_file() and internal in (ROOT / f).read_text(errors="ignore")]
+    assert not citing, f"these files cite {internal}/, which users never have: {citing}"

@@ -178,6 +178,7 @@ def test_torchrun_two_ranks_gloo(tmp_path):
                     launcher=launcher, env=train_env(FOCALNET_OUTPUT_ROOT=str(out_root))))
     (run_dir,) = out_root.iterdir()  # one run directory for both ranks
     assert (run_dir / "train.log").exists() and (run_dir / "train_rank1.log").exists()
+    assert "AdamW with the fused kernel; DDP static_graph=True" in (run_dir / "train.log").read_text()
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # W&B on rank 0 only
     assert wandb_run_record(run_dir)["run_group"] == run_dir.name  # the job's run id, once for all ranks
     metrics = read_metrics(run_dir)

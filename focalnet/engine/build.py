@@ -120,14 +120,24 @@ def param_groups(model: nn.Module, weight_decay: float, official_no_weight_decay
             {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"}]
 
 
+# Devices with torch's fused AdamW/SGD kernels that we train on. torch checks the device only at the first step.
+FUSED_DEVICES = ("cuda", "cpu")
+
+
 def build_optimizer(model: nn.Module, opt_cfg: Mapping, lr: float) -> torch.optim.Optimizer:
+    """AdamW or SGD over :func:`param_groups`, with torch's fused kernel when every parameter is on a device that has
+    one (:data:`FUSED_DEVICES`), else the foreach kernel. A fused optimizer skips a non-finite update on the device
+    (see ``focalnet.engine.amp``)."""
     groups = param_groups(model, opt_cfg["weight_decay"], opt_cfg.get("official_no_weight_decay", False))
     if opt_cfg["name"] == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(opt_cfg["betas"]), eps=opt_cfg["eps"])
-    if opt_cfg["name"] == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=opt_cfg["momentum"],
-                               nesterov=opt_cfg.get("nesterov", False))
-    raise ValueError(f"optimizer.name={opt_cfg['name']!r}; choose adamw or sgd")
+        cls, kwargs = torch.optim.AdamW, dict(lr=lr, betas=tuple(opt_cfg["betas"]), eps=opt_cfg["eps"])
+    elif opt_cfg["name"] == "sgd":
+        cls, kwargs = torch.optim.SGD, dict(lr=lr, momentum=opt_cfg["momentum"],
+                                            nesterov=opt_cfg.get("nesterov", False))
+    else:
+        raise ValueError(f"optimizer.name={opt_cfg['name']!r}; choose adamw or sgd")
+    fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for g in groups for p in g["params"])
+    return cls(groups, **kwargs, **({"fused": True} if fused else {"foreach": True}))
 
 
 class UpdateSchedule:

@@ -20,17 +20,25 @@ objects: RNG states are stored as tensors and lists)::
 Integrity: ``torch.save`` writes a zip archive that stores a CRC-32 of every entry (the pickle and each tensor
 storage). ``torch.load`` does not check them, so :func:`verify_file` does: a truncated file, random bytes or a
 flipped byte anywhere (also in ``best.pt``, which is a hard link of a ``last.pt``) is reported with the path
-before anything is loaded.
+before anything is loaded. The same CRCs identify a file's contents cheaply (:func:`checkpoint_digest`): ranks
+resuming on several nodes compare them.
+
+Writing: :class:`CheckpointWriter` copies the state to host memory and writes it in a background thread (for
+the large models a save is 10+ GB), via :func:`save_atomic`'s temporary file and rename, so a job that ends
+mid-write leaves the previous checkpoint in place.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import pickle
 import random
 import shutil
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -182,11 +190,94 @@ def load_file(path: str | os.PathLike, map_location="cpu", verify: bool = True) 
 
 
 def first_non_finite(state_dict) -> str | None:
-    """The name of the first floating-point tensor holding NaN/inf, or None."""
-    for name, value in state_dict.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            return name
-    return None
+    """The name of the first floating-point tensor holding NaN/inf, or None (one device-to-host read)."""
+    floats = [(name, v) for name, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not floats:
+        return None
+    finite = torch.stack([torch.isfinite(v).all() for _, v in floats]).tolist()
+    return next((name for (name, _), ok in zip(floats, finite) if not ok), None)
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """The identity of a checkpoint file's bytes, read from its zip directory alone: a digest of the CRC-32 and
+    size of every entry (which :func:`verify_file` checks against the data). A file in torch's legacy (non-zip)
+    format is hashed whole."""
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                h.update(f"{info.filename}\0{info.CRC:08x}\0{info.file_size}\n".encode())
+    except zipfile.BadZipFile:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def host_copy(obj):
+    """``obj`` with every tensor copied to host memory (device tensors moved, CPU tensors cloned): a snapshot that
+    training may keep changing the originals of."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints one at a time in a background thread: :meth:`submit` returns once the state is copied
+    to host memory; :func:`save_atomic` (temporary file, fsync, rename), the hard links (``best.pt``,
+    ``epoch_N.pt``) and the cleanup of killed saves' temporaries follow in the thread. A write's error is raised
+    by the next :meth:`submit` or :meth:`wait`; :meth:`failed` tells without waiting. The thread is not a daemon:
+    the interpreter lets a write in flight finish before the process exits. ``background=False`` writes in the
+    caller's thread."""
+
+    def __init__(self, background: bool = True):
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, obj: dict, path: str | os.PathLike, links: tuple[str, ...] = (), then=None) -> None:
+        """``then(path, snapshot)``, if given, runs in the writer thread once the file is complete (e.g. an upload)."""
+        self.wait()
+        snapshot, path = host_copy(obj), Path(path)
+        if not self.background:
+            self._write(snapshot, path, links, then)
+            self.wait()
+            return
+        self._thread = threading.Thread(target=self._write, args=(snapshot, path, links, then),
+                                        name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, obj: dict, path: Path, links: tuple[str, ...], then=None) -> None:
+        try:
+            start = time.perf_counter()
+            save_atomic(obj, path)
+            for name in links:  # the same bytes, linked instead of written again
+                link_or_copy_atomic(path, path.with_name(name))
+            remove_orphan_temporaries(path.parent)  # of saves killed mid-write (the writer owns the directory)
+            log.info("wrote %s (%.0f MiB in %.1f s%s)", path, path.stat().st_size / 2**20, time.perf_counter() - start,
+                     f"; also {', '.join(links)}" if links else "")
+            if then is not None:
+                then(path, obj)
+        except BaseException as e:  # noqa: BLE001  (raised in the training thread by wait)
+            self._error = e
+
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the write in flight is complete; raise its error (or log it, ``raise_error=False``)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            if raise_error:
+                raise error
+            log.error("a checkpoint write failed: %s", error)
 
 
 def load_training_state(path: str | os.PathLike) -> dict:

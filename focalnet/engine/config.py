@@ -65,6 +65,9 @@ def _cross_checks(c: dict) -> list[str]:
         errors.append(f"data.batch_size={c['data']['batch_size']} must be even when aug.mixup/aug.cutmix > 0")
     if t["epochs"] == 0 and t["max_steps"] is None:
         errors.append("trainer.epochs=0 trains nothing; set trainer.epochs >= 1 or trainer.max_steps")
+    if t["ddp_static_graph"] is True and t["accum_steps"] > 1:
+        errors.append("trainer.ddp_static_graph=true with trainer.accum_steps > 1: DDP fails with static_graph under "
+                      "gradient accumulation in torch <= 2.14 (pytorch/pytorch PR #187732); set ddp_static_graph=auto")
     errors += _device_checks(t)
     if t["resume"] not in (None, "auto") and not os.path.isfile(t["resume"]):
         errors.append(f"trainer.resume={t['resume']!r}: no such file (use auto, null or a checkpoint path)")

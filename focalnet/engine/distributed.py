@@ -2,8 +2,10 @@
 
 One code path for every launch: a plain ``python train.py`` is world size 1 without a process group;
 ``torchrun`` (single node, or multi-node through its rendezvous) exports ``RANK``/``WORLD_SIZE``/
-``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` and we join with ``init_method="env://"``. The backend is
-gloo for CPU tensors and NCCL for CUDA tensors when a GPU exists (one group serves both).
+``LOCAL_RANK``/``LOCAL_WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` and we join with ``init_method="env://"``.
+Processes started by SLURM itself (``srun python train.py``, one task per GPU) or by submitit
+(``hydra/launcher=slurm``) get the same variables from SLURM's environment (:func:`adopt_launch_env`). The
+backend is gloo for CPU tensors and NCCL for CUDA tensors when a GPU exists (one group serves both).
 
 This module also decides the run id that names the run directory, identically on every rank
 (Hydra composes the config on every rank, so ``${now:...}`` would give one directory per rank).
@@ -13,11 +15,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import secrets
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from focalnet.engine.config import ConfigError
 
 RUN_ID_ENV = "FOCALNET_RUN_ID"
 _RUN_ID: str | None = None
@@ -38,29 +44,116 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _adopt_submitit_env() -> None:
-    """Under hydra's submitit launcher (srun tasks, no torchrun), export torchrun's variables from SLURM's.
+class LaunchError(ConfigError):
+    """SLURM's environment does not tell this process its place in the job."""
 
-    Rank, world size and local rank come from ``submitit.JobEnvironment()`` (facebookresearch/hydra PR #2633);
-    the first node of the job hosts the rendezvous, on a port derived from the job id so concurrent jobs do not
-    clash.
+
+_WARNED_NOT_SRUN = False
+
+
+def adopt_launch_env(exit_on_error: bool = False) -> None:
+    """Export torchrun's variables when SLURM (``srun``) or submitit started the processes instead of torchrun.
+
+    ``srun python train.py`` (one task per GPU): rank ``SLURM_PROCID``, world size ``SLURM_STEP_NUM_TASKS``, local
+    rank ``SLURM_LOCALID``, local world size from ``SLURM_STEP_TASKS_PER_NODE``, rendezvous on the first host of
+    ``SLURM_STEP_NODELIST`` at a port derived from ``SLURM_JOB_ID`` (``MASTER_ADDR``/``MASTER_PORT`` set by the
+    user win). Under submitit the same from ``submitit.JobEnvironment()``. Without them, N tasks would be N
+    independent runs on one GPU. Raises :class:`LaunchError` (``exit_on_error``: prints it as one line and exits
+    with code 2) when srun started several tasks but their ranks cannot be told. Idempotent.
     """
-    if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
-        return
+    global _WARNED_NOT_SRUN
+    env = os.environ
+    try:
+        if "RANK" in env:  # torchrun, or adopted already
+            return
+        if "SUBMITIT_EXECUTOR" in env:
+            _adopt_submitit_env()
+        elif "SLURM_STEP_NUM_TASKS" in env:
+            _adopt_srun_env()
+        elif int(env.get("SLURM_NTASKS") or 1) > 1 and not _WARNED_NOT_SRUN:
+            _WARNED_NOT_SRUN = True
+            print(f"warning: this SLURM job has SLURM_NTASKS={env['SLURM_NTASKS']} tasks but this process was not "
+                  "started by srun, so it trains alone (world size 1): launch with `srun python train.py ...`",
+                  file=sys.stderr)
+    except LaunchError as e:
+        if not exit_on_error:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _job_port(job_id: str) -> int:
+    # A port derived from the job id, so concurrent jobs on shared nodes do not clash.
+    digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
+    return 20000 + int(digits) % 20000
+
+
+def _adopt_submitit_env() -> None:
+    """Under hydra's submitit launcher (srun tasks, no torchrun): ranks from ``submitit.JobEnvironment()``
+    (facebookresearch/hydra PR #2633); the first node of the job hosts the rendezvous."""
     import submitit
 
     env = submitit.JobEnvironment()
     if env.num_tasks <= 1:
         return
-    os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank))
+    os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
+                      LOCAL_WORLD_SIZE=str(env.num_tasks // max(env.num_nodes, 1)))
     os.environ.setdefault("MASTER_ADDR", env.hostnames[0])
-    digits = "".join(c for c in str(env.job_id) if c.isdigit()) or "0"
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(digits) % 20000))
+    os.environ.setdefault("MASTER_PORT", str(_job_port(env.job_id)))
+
+
+def _adopt_srun_env() -> None:
+    env = os.environ
+    tasks = int(env["SLURM_STEP_NUM_TASKS"])
+    if tasks <= 1:
+        return
+    how = ("launch one task per GPU, `srun --ntasks-per-node=GPUS python train.py ...`, or one torchrun per node, "
+           "`srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES --nproc_per_node=GPUS --rdzv_backend=c10d "
+           "--rdzv_endpoint=HOST:PORT --rdzv_id=$SLURM_JOB_ID train.py ...`")
+    missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST", "SLURM_JOB_ID") if not env.get(k)]
+    if missing:
+        raise LaunchError(f"srun started {tasks} tasks but {', '.join(missing)} is not set, so this process cannot "
+                          f"tell its rank: {how}")
+    try:
+        master = first_host(env["SLURM_STEP_NODELIST"])
+        spec = env.get("SLURM_STEP_TASKS_PER_NODE") or f"{tasks}"
+        local = tasks_on_node(spec, int(env.get("SLURM_NODEID") or 0))
+    except (ValueError, IndexError):
+        raise LaunchError(f"cannot read SLURM_STEP_NODELIST={env['SLURM_STEP_NODELIST']!r} / SLURM_STEP_TASKS_PER_NODE="
+                          f"{env.get('SLURM_STEP_TASKS_PER_NODE')!r} / SLURM_NODEID={env.get('SLURM_NODEID')!r}: set "
+                          f"MASTER_ADDR and LOCAL_WORLD_SIZE yourself, or {how}") from None
+    rank, local_rank = int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"])
+    if not (0 <= rank < tasks and 0 <= local_rank < local):
+        raise LaunchError(f"SLURM_PROCID={rank} / SLURM_LOCALID={local_rank} do not fit SLURM_STEP_NUM_TASKS={tasks} "
+                          f"/ {local} tasks on this node: {how}")
+    env.update(RANK=str(rank), WORLD_SIZE=str(tasks), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local))
+    env.setdefault("MASTER_ADDR", master)
+    env.setdefault("MASTER_PORT", str(_job_port(env["SLURM_JOB_ID"])))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list, without ``scontrol``: ``node[07-09,11],gpu1`` -> ``node07``."""
+    m = re.match(r"\s*([^,\[\]\s]+)(?:\[([^\]]+)\]([^,\[\s]*))?", nodelist)
+    if not m:
+        raise ValueError(nodelist)
+    prefix, ranges, suffix = m.groups()
+    return prefix if ranges is None else prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def tasks_on_node(spec: str, node: int) -> int:
+    """Tasks on node ``node`` from SLURM's per-node task list: ``2(x3),1`` is 2, 2, 2 then 1."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(spec)
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[node]
 
 
 def env_dist_info() -> DistInfo:
-    """Ranks as exported by torchrun (or derived from submitit/SLURM when launched that way)."""
-    _adopt_submitit_env()
+    """Ranks as exported by torchrun (or derived from SLURM/submitit when launched that way)."""
+    adopt_launch_env()
     return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                     int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -118,13 +211,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one (e.g. a preemption signal)."""
-    if not is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """In-place maximum over ranks."""
+    if is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
 
 
 def _new_run_id() -> str:
@@ -156,7 +247,7 @@ def run_id() -> str:
 
 def rank_suffix() -> str:
     """``""`` on rank 0, ``"_rank<N>"`` elsewhere: per-rank log file names (several ranks, one file = garbage)."""
-    _adopt_submitit_env()  # submitit tasks learn their rank here: Hydra opens the log file before train() runs
+    adopt_launch_env()  # srun/submitit tasks learn their rank here: Hydra opens the log file before train() runs
     rank = int(os.environ.get("RANK", 0))
     return "" if rank == 0 else f"_rank{rank}"
 

@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 
 import focalnet
 from focalnet.data.eval_sets import build_eval_set
+from focalnet.data.loaders import DeviceLoader
 from focalnet.engine import distributed as D
 from focalnet.engine.amp import AmpStep
 from focalnet.engine.build import build_model
@@ -151,8 +152,9 @@ def run_accuracy(cfg: dict) -> dict:
              es.num_classes, es.size, report.get("load_report", ""))
     start = time.perf_counter()
     # The training loop's exact validation, on the eval set's classes, keeping each sample's top-k classes.
-    metrics = validate(model, es.loader, device, amp, t["channels_last"], class_indices=es.class_indices,
-                       keep_topk=keep_topk)
+    # (batches finished on the device through DeviceLoader, as in training)
+    metrics = validate(model, DeviceLoader(es.loader, device), device, amp, t["channels_last"],
+                       class_indices=es.class_indices, keep_topk=keep_topk)
     preds, targets = metrics.pop("preds"), metrics.pop("targets")
     extra = extra_metrics(preds, targets, es, missing=missing, per_class=cfg["per_class"], device=device)
 

@@ -4,6 +4,10 @@
 ``accum_steps`` micro-batches per optimizer update (DDP gradient sync only on the last one), and after every
 update calls ``after_step`` (logging, checkpoints, preemption, max_steps), which may stop the epoch early.
 ``validate`` sums exact counts over ranks: top-1/top-5 correct, loss and sample count.
+
+Both take a :class:`focalnet.data.loaders.DeviceLoader`: batches arrive on the device, finished (normalized, erased).
+Nothing in an update waits for the device (no ``.item()``, no host-side branch on a device value): the loss
+is summed on the device and ``after_step`` decides when to read anything back.
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ def train_one_epoch(
 ) -> str | None:
     """Train from ``state.batch_in_epoch`` to the end of the epoch; returns ``after_step``'s stop reason or None.
 
-    The loader must already be positioned (``loader.set_epoch(epoch, state.batch_in_epoch)``). Micro-batches
-    past the last full accumulation group of the epoch are not used, so every update sees the same number.
+    The loader (a :class:`focalnet.data.loaders.DeviceLoader`) must already be positioned (``loader.set_epoch(epoch,
+    state.batch_in_epoch)``). Micro-batches past the last full accumulation group of the epoch are not used, so
+    every update sees the same number.
     ``peek(images, step)``, when given, sees the first micro-batch's model input once (the run's picture of it).
     """
     model.train()
@@ -62,9 +67,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device)  # summed over the micro-batches since the last update
     batches = iter(loader)
     for i in range(state.batch_in_epoch, n_batches):
-        images, targets = next(batches)
-        images = images.to(device, non_blocking=True)   # (B, C, H, W)
-        targets = targets.to(device, non_blocking=True)  # (B,) class indices
+        images, targets = next(batches)  # (B, C, H, W) float on the device, (B,) class indices
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if mixup is not None:
@@ -109,9 +112,7 @@ def validate(model: nn.Module, loader, device: torch.device, amp: AmpStep, chann
     columns = torch.tensor(class_indices, device=device) if class_indices is not None else None
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
     kept_preds, kept_targets = [], []
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+    for images, targets in loader:  # on the device (a DeviceLoader)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with amp.autocast():

@@ -41,7 +41,7 @@ HARMLESS_KEYS = (
     "trainer.resume", "trainer.resume_allow_changes", "trainer.init_from", "trainer.init_head", "model.pretrained",
     "trainer.ckpt_every_steps", "trainer.save_epoch_ckpts", "trainer.eval_every", "trainer.log_every",
     "trainer.device", "trainer.compile", "trainer.channels_last", "trainer.grad_checkpointing",
-    "trainer.max_nonfinite_updates",
+    "trainer.max_nonfinite_updates", "trainer.check_every_s", "trainer.async_save", "trainer.ddp_static_graph",
     "data.num_workers", "data.persistent_workers", "data.decode_threads", "data.os_cache", "data.batches_ahead",
     "data.max_file_mb", "data.max_image_pixels", "data.cache_dir", "data.cache_limit_gb",
 )

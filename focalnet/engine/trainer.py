@@ -5,26 +5,41 @@ the checkpoint to resume -> data -> model (seeded identically on every rank; + m
 resume state) -> EMA -> DDP -> torch.compile -> loggers -> per-rank seeds (seed + rank), or the checkpoint's RNG
 states on resume -> epochs.
 
+Host checks: a training update never waits for the device. The loop reads values back (loss, gradient norm,
+the skipped-update counters) and the ranks agree on stop signals only at host checks: every log and checkpoint
+step, the last update of an epoch, and otherwise about every ``trainer.check_every_s`` seconds (the number of
+updates between checks follows from the slowest rank's measured update time, which every rank learns in the
+check's all-reduce, so all ranks check at the same updates).
+
 Exit protocol (used by train.py):
 * normal end: returns a summary dict (final validation metrics, step, run_dir).
 * SIGTERM/SIGINT/SIGUSR1/SIGUSR2 (SLURM preemption or time limit, Ctrl-C), to the training process alone or to
   the whole job (data workers leave the shutdown to it: :func:`focalnet.data.loaders.leave_shutdown_to_parent`): every
-  rank finishes the current update, rank 0 writes ``last.pt``, and :class:`TrainingPreempted` is raised;
-  ``train.py`` exits with ``EXIT_PREEMPTED`` (75, ``EX_TEMPFAIL``: "try again"). Relaunching with
-  ``trainer.resume=auto`` in the same run dir continues exactly.
-* divergence (non-finite loss in fp32/bf16, ``trainer.max_nonfinite_updates`` skipped fp16 updates in a row,
-  non-finite weights at a save): :class:`NonFiniteLossError`, ``train.py`` exits with ``EXIT_DIVERGED`` (3);
-  the last checkpoint stays the last good state (non-finite weights are never written).
+  rank stops at the next host check (within about ``trainer.check_every_s``), rank 0 writes ``last.pt``, every
+  rank waits until it is on disk (so a launcher that ends the job when one rank exits, like torchrun, cannot
+  kill rank 0 mid-write), and :class:`TrainingPreempted` is raised; ``train.py`` exits with ``EXIT_PREEMPTED``
+  (75, ``EX_TEMPFAIL``: "try again"). Relaunching with ``trainer.resume=auto`` in the same run dir continues
+  exactly.
+* divergence (``trainer.max_nonfinite_updates`` skipped fp16 updates in a row, a skipped fp32/bf16 update,
+  non-finite weights at a save), found at a host check: :class:`NonFiniteLossError`, ``train.py`` exits with
+  ``EXIT_DIVERGED`` (3); non-finite updates are never applied and non-finite weights never written, so the
+  last checkpoint is the last good state.
+
+Checkpoints are written by rank 0 in a background thread (:class:`CheckpointWriter`): training continues once
+the state is copied to host memory; the file appears by atomic rename when complete.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import logging
 import math
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -36,7 +51,7 @@ from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
 
 from focalnet import data as data_lib
-from focalnet.data.loaders import JOB_SIGNALS
+from focalnet.data.loaders import JOB_SIGNALS, DeviceLoader
 from focalnet.engine import distributed as D
 from focalnet.engine.amp import AmpStep, NonFiniteLossError
 from focalnet.engine.artifacts import CheckpointUploader
@@ -49,14 +64,14 @@ from focalnet.engine.build import (
     pretrained_source,
 )
 from focalnet.engine.checkpointing import (
+    CheckpointWriteError,
+    CheckpointWriter,
     capture_rng,
+    checkpoint_digest,
     find_resume_checkpoint,
     first_non_finite,
-    link_or_copy_atomic,
     load_training_state,
-    remove_orphan_temporaries,
     restore_rng,
-    save_atomic,
 )
 from focalnet.engine.config import ConfigError, scaled_lrs, validate_config
 from focalnet.engine.console import Progress, end_block, start_block
@@ -70,7 +85,7 @@ from focalnet.models.sources import resolve
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75
-EXIT_DIVERGED = 3  # NaN/inf loss or gradients (fp32/bf16: the first; fp16: trainer.max_nonfinite_updates in a row)
+EXIT_DIVERGED = 3  # NaN/inf gradients (fp32/bf16: one skipped update; fp16: trainer.max_nonfinite_updates in a row)
 # SLURM/systemd stops (TERM), submitit's requeue signal (USR2, hydra/launcher=slurm), USR1, a terminal's Ctrl-C.
 PREEMPT_SIGNALS = JOB_SIGNALS
 
@@ -87,6 +102,18 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")
+
+
+def static_graph(cfg: dict) -> bool:
+    """DDP's ``static_graph``: the same parameters take part in every update, so DDP skips its per-update search
+    for unused parameters and can reorder its gradient buckets after the first update. ``auto``: on for this
+    package's models (their graph is static: drop path masks samples, it never skips a block) when updates have
+    one micro-batch each; DDP fails with ``static_graph`` under ``no_sync()`` accumulation in torch <= 2.14
+    (an internal assert, pytorch/pytorch PR #187732)."""
+    value = cfg["trainer"]["ddp_static_graph"]
+    if value == "auto":
+        return cfg["model"]["library"] == "focalnet" and cfg["trainer"]["accum_steps"] == 1
+    return bool(value)
 
 
 def seed_everything(seed: int) -> None:
@@ -110,6 +137,7 @@ class _PreemptFlag:
 
     def __init__(self):
         self.signum: int | None = None
+        self.stopping = False  # set when the ranks agreed to stop (possibly on another rank's signal)
         self._previous = {}
 
     def __enter__(self):
@@ -135,15 +163,21 @@ class _PreemptFlag:
         # Once stopping, later stop signals (a second Ctrl-C, SLURM's repeats) are ignored until the process has
         # exited with its code; otherwise the handlers that were there before come back.
         for s, h in self._previous.items():
-            signal.signal(s, signal.SIG_IGN if self.signum is not None else h)
+            signal.signal(s, signal.SIG_IGN if self.signum is not None or self.stopping else h)
 
 
 def train(cfg: DictConfig | dict) -> dict:
     """Train as configured; see the module docstring for the exit protocol."""
     plain = validate_config(cfg)  # before any work: config errors surface in seconds, not after data loading
     info = D.init_distributed()
-    with _PreemptFlag() as preempt:
-        return TrainRun(plain, info, preempt).fit()
+    try:
+        with _PreemptFlag() as preempt:
+            result = TrainRun(plain, info, preempt).fit()
+    except (TrainingPreempted, NonFiniteLossError, ConfigError, CheckpointError, CheckpointWriteError):
+        D.cleanup_distributed()  # every rank stops here together: no collective is left pending
+        raise
+    D.cleanup_distributed()
+    return result
 
 
 class TrainRun:
@@ -179,9 +213,9 @@ class TrainRun:
             torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest conv kernels once
             torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts (amp=none, the loss)
 
-        # Data.
+        # Data: uint8 batches, in pinned memory for a CUDA device (copied there asynchronously and finished there).
         self.loaders = data_lib.build_loaders(cfg["data"], cfg["aug"], rank=info.rank, world_size=info.world_size,
-                                              seed=t["seed"])
+                                              seed=t["seed"], pin_memory=self.device.type == "cuda")
         self.updates_per_epoch = len(self.loaders.train) // t["accum_steps"]
         if self.updates_per_epoch == 0:
             raise ConfigError(f"the train loader has {len(self.loaders.train)} batches per rank, fewer than "
@@ -235,7 +269,7 @@ class TrainRun:
         if info.distributed:
             self.ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True)
+                gradient_as_bucket_view=True, static_graph=static_graph(cfg))
         self.train_model = self.ddp if self.ddp is not None else model
         if t["compile"]:
             self.train_model = torch.compile(self.train_model)
@@ -253,6 +287,10 @@ class TrainRun:
         self.pictures = RunPictures(self.run_dir, cfg, self.logger, model, self.loaders.val, enabled=info.is_main)
         if info.is_main:
             log.info("%s", start_block(self))
+        if info.is_main:
+            log.info("%s with the %s kernel%s", type(self.optimizer).__name__,
+                     "fused" if self.optimizer.defaults.get("fused") else "foreach",
+                     f"; DDP static_graph={self.ddp.static_graph}" if self.ddp is not None else "")
         # Per-rank RNG streams (drop path, mixup) start here, after every setup step that might draw from the
         # global generators (W&B, compile...), so they do not depend on the setup; a resume then overwrites them.
         seed_everything(t["seed"] + info.rank)
@@ -270,6 +308,9 @@ class TrainRun:
                             "(resume is not bitwise exact)", len(rngs), info.world_size)
         self.scheduler.step_update(num_updates=self.state.step)
         self._window = (time.perf_counter(), self.state.step)
+        # Host checks (module docstring): the first update of this launch is one, then every ~check_every_s.
+        self._next_check, self._last_check = self.state.step + 1, (time.perf_counter(), self.state.step)
+        self.writer = CheckpointWriter(background=t["async_save"]) if info.is_main else None
 
     # -- run directory and checkpoints -------------------------------------------------------------------
 
@@ -292,12 +333,40 @@ class TrainRun:
                 log.warning("trainer.resume=null: starting over; the checkpoints in %s will be overwritten",
                             self.ckpt_dir)
             return None, None
-        if ckpt is None:
-            ckpt = load_training_state(chosen)
+        problem = None
+        if ckpt is None:  # the other ranks read the file rank 0 chose, through their own view of the storage
+            try:
+                ckpt = load_training_state(chosen)
+            except (CheckpointError, OSError) as e:
+                problem = str(e)
+        self._agree_on_checkpoint(chosen, ckpt, problem)
         old_world = int(ckpt.get("world_size", len(ckpt["rng"])))
         self.resume_changes = check_resume_config(chosen, ckpt["config"], old_world, self.public_cfg,
                                                   self.info.world_size)
         return Path(chosen), ckpt
+
+    def _agree_on_checkpoint(self, path: str, ckpt: dict | None, problem: str | None) -> None:
+        """Refuse to resume (CheckpointError on every rank) unless every rank holds the file rank 0 chose: the same
+        step and the same bytes (a digest of the CRC-32s of its zip entries, which loading verified against the
+        data). DDP broadcasts only the weights: a node reading a stale or different copy from shared storage would
+        otherwise train on with another optimizer state, schedule and epoch."""
+        seen = None
+        if problem is None:
+            try:
+                seen = (int(ckpt["step"]), checkpoint_digest(path))
+            except OSError as e:
+                problem = str(e)
+        views = D.all_gather_object((socket.gethostname(), seen, problem))
+        host0, chosen, _ = views[0]
+        odd = [f"rank {r} on host {host} " + (f"cannot read it ({why})" if why else
+                                             f"reads step {saw[0]} with checksum {saw[1]}")
+               for r, (host, saw, why) in enumerate(views) if r and (why or saw != chosen)]
+        if odd:
+            raise CheckpointError(
+                f"refusing to resume: rank 0 on host {host0} chose {path} (step {chosen[0]}, checksum {chosen[1]}) "
+                f"but {'; '.join(odd)}. Every node must see the same run directory on shared storage (a stale "
+                f"network file system cache, or a node-local path?): relaunch once the file is the same everywhere, "
+                f"or pass trainer.resume=PATH with a copy every node can read")
 
     def _load_training_state(self, path: Path, ckpt: dict) -> None:
         """Weights, optimizer, scaler, schedule and position from ``ckpt``; keys accepted by
@@ -333,8 +402,10 @@ class TrainRun:
         self.wandb_id = ckpt.get("wandb_id")
 
     def save(self, name: str = "last.pt", also: tuple[str, ...] = ()) -> None:
-        """Write ``name`` (+ hard links ``also``) on rank 0; every rank calls it. Non-finite weights are never
-        written: every rank raises NonFiniteLossError instead (the weights are identical on every rank)."""
+        """Write ``name`` (+ hard links ``also``) on rank 0, in the background; every rank calls it. Non-finite
+        weights are never written: every rank raises NonFiniteLossError instead (the weights are identical on
+        every rank). A divergence not yet seen by a host check is found here first."""
+        self.amp.check()
         for label, module in (("model", self.model), ("ema", self.ema.module if self.ema is not None else None)):
             bad = first_non_finite(module.state_dict()) if module is not None else None
             if bad is not None:
@@ -356,42 +427,88 @@ class TrainRun:
             "config": self.public_cfg, "best_metric": self.state.best_metric, "wandb_id": self.wandb_id,
             "wandb_group": self.logger.group,
         }
-        save_atomic(obj, self.ckpt_dir / name)
-        for n in also:  # best.pt / epoch_N.pt: the same bytes, linked instead of written again
-            link_or_copy_atomic(self.ckpt_dir / name, self.ckpt_dir / n)
-        remove_orphan_temporaries(self.ckpt_dir)  # of saves killed mid-write (we own the directory)
-        self.uploader.saved(self.ckpt_dir / name, obj["model"], step=self.state.step, epoch=self.state.epoch,
-                            best="best.pt" in also, final=self.state.step >= self.total_steps,
-                            preempting=self.preempt.signum is not None, metadata={"best_top1": self.state.best_metric})
+        upload = functools.partial(self.uploader.saved, step=self.state.step, epoch=self.state.epoch,
+                                   best="best.pt" in also, final=self.state.step >= self.total_steps,
+                                   preempting=self.preempt.signum is not None,
+                                   metadata={"best_top1": self.state.best_metric})
+        # best.pt / epoch_N.pt: hard links, not new writes; the W&B upload starts once the file is complete.
+        self.writer.submit(obj, self.ckpt_dir / name, also, then=lambda path, snapshot: upload(path, snapshot["model"]))
+
+    def finish_saves(self) -> None:
+        """Every rank returns once rank 0's checkpoint writes are complete on disk, or every rank raises (rank 0
+        the write's own error, the others CheckpointWriteError): the exit barrier of a stopped or finished run."""
+        error = None
+        if self.writer is not None:
+            try:
+                self.writer.wait()
+            except Exception as e:  # noqa: BLE001  (shared with the other ranks, then re-raised)
+                error = e
+        outcome = D.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if outcome is not None:
+            raise CheckpointWriteError(errno.EIO, f"rank 0 could not write a checkpoint ({outcome})")
 
     # -- per-update hook ---------------------------------------------------------------------------------
 
     def after_step(self, state: TrainState, loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
+        """After every update: a host check when one is due (module docstring), then logging and checkpoints.
+        Between checks this touches no device value."""
         t, step = self.t, state.step
-        metrics = None
-        if step % t["log_every"] == 0 or step == self.total_steps:
-            now = time.perf_counter()
-            t0, s0 = self._window
-            per_step = (now - t0) / max(step - s0, 1)
-            self._window = (now, step)
-            metrics = {"epoch": state.epoch, "train/loss": loss.item(), "train/grad_norm": grad_norm.item(),
-                       "train/lr": self.optimizer.param_groups[0]["lr"],
-                       "train/img_per_s": self.derived["total_batch"] / per_step,
-                       "train/eta_s": per_step * (self.total_steps - step)}
-            if self.amp.scaler.is_enabled():
-                metrics["train/loss_scale"] = self.amp.scaler.get_scale()
-                metrics["train/skipped_steps"] = int(self.amp.skipped.item())
-            self.logger.log(metrics, step=step)
-        self.progress.update(step, metrics)
+        log_now = step % t["log_every"] == 0 or step == self.total_steps
+        ckpt_now = bool(t["ckpt_every_steps"]) and step % t["ckpt_every_steps"] == 0
+        epoch_end = state.batch_in_epoch >= self.updates_per_epoch * t["accum_steps"]
+        paused = step == _PAUSE_AT_STEP
+        if paused:
+            self._pause_for_test(step)  # then a check at this very update, where the test's signal is acted on
+        if not (log_now or ckpt_now or epoch_end or paused or step >= self.total_steps or step >= self._next_check):
+            self.progress.update(step)
+            return None
+        preempted, values = self.host_check(step, loss, grad_norm)
+        self.progress.update(step, self._log_train(state, values) if log_now else None)
         if step >= self.total_steps:
             return "done"
-        if step == _PAUSE_AT_STEP:
-            self._pause_for_test(step)
-        if D.any_rank(self.preempt.signum is not None, self.device):
+        if preempted:
             return "preempted"
-        if t["ckpt_every_steps"] and step % t["ckpt_every_steps"] == 0:
+        if ckpt_now:
             self.save()
         return None
+
+    def host_check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, dict]:
+        """One all-reduce and one device-to-host read: the ranks agree whether any got a stop signal (or a failed
+        checkpoint write) and on the slowest rank's time per update since the last check, which sets when the next
+        check is (the same update on every rank); the divergence counters are checked (NonFiniteLossError).
+        Returns ``(preempted, {loss, grad_norm, skipped})`` (this rank's values, for logging)."""
+        t_last, s_last = self._last_check
+        per_update = (time.perf_counter() - t_last) / max(step - s_last, 1)
+        write_failed = self.writer is not None and self.writer.failed()
+        agreed = torch.tensor([float(self.preempt.signum is not None), per_update, float(write_failed)],
+                              dtype=torch.float64, device=self.device)
+        D.all_reduce_max(agreed)
+        local = torch.stack([loss.detach(), grad_norm.detach(), self.amp.skipped, self.amp.longest_run]).double()
+        preempted, slowest, write_failed, loss_v, norm_v, skipped, longest = torch.cat([agreed, local]).tolist()
+        self.amp.raise_if_diverged(int(longest))
+        if write_failed:
+            self.finish_saves()  # raises on every rank
+        self._next_check = step + max(1, int(self.t["check_every_s"] / max(slowest, 1e-9)))
+        self._last_check = (time.perf_counter(), step)
+        return preempted > 0, {"loss": loss_v, "grad_norm": norm_v, "skipped": int(skipped)}
+
+    def _log_train(self, state: TrainState, values: dict) -> dict:
+        step = state.step
+        now = time.perf_counter()
+        t0, s0 = self._window
+        per_step = (now - t0) / max(step - s0, 1)
+        self._window = (now, step)
+        metrics = {"epoch": state.epoch, "train/loss": values["loss"], "train/grad_norm": values["grad_norm"],
+                   "train/lr": self.optimizer.param_groups[0]["lr"],
+                   "train/img_per_s": self.derived["total_batch"] / per_step,
+                   "train/eta_s": per_step * (self.total_steps - step)}
+        if self.amp.scaler.is_enabled():
+            metrics["train/loss_scale"] = self.amp.scaler.get_scale()
+            metrics["train/skipped_steps"] = values["skipped"]
+        self.logger.log(metrics, step=step)
+        return metrics
 
     def _pause_for_test(self, step: int) -> None:
         """Test hook (``FOCALNET_PAUSE_AT_STEP``): park this rank after update ``step`` until a preemption signal
@@ -409,7 +526,7 @@ class TrainRun:
     # -- validation --------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict:
-        val = self.loaders.val
+        val = DeviceLoader(self.loaders.val, self.device)
         m = validate(self.model, self.progress.validation(val), self.device, self.amp, self.t["channels_last"])
         metrics = {f"val/{k}": v for k, v in m.items()}
         if self.ema is not None:
@@ -439,7 +556,8 @@ class TrainRun:
         t = self.t
         self.loaders.train.set_epoch(self.state.epoch, self.state.batch_in_epoch)
         return train_one_epoch(
-            self.train_model, self.loaders.train, self.optimizer, self.amp, criterion=self.criterion,
+            self.train_model, DeviceLoader(self.loaders.train, self.device), self.optimizer, self.amp,
+            criterion=self.criterion,
             mixup=self.mixup, scheduler=self.scheduler, ema=self.ema, params=self.params, state=self.state,
             accum_steps=t["accum_steps"], device=self.device, channels_last=t["channels_last"],
             ddp=self.ddp, ema_source=self.model, after_step=self.after_step,
@@ -480,11 +598,13 @@ class TrainRun:
                 if final:
                     stop = "done"
             if stop == "preempted":
+                self.preempt.stopping = True  # from here on, further stop signals are ignored
                 self.save("last.pt")
+                self.finish_saves()  # every rank leaves once last.pt is on disk
                 if self.info.is_main:
+                    why = signal.Signals(self.preempt.signum).name if self.preempt.signum else "another rank's signal"
                     log.warning("%s: saved %s at step %d; exiting with code %d (resume with trainer.resume=auto)",
-                                signal.Signals(self.preempt.signum).name, self.ckpt_dir / "last.pt", state.step,
-                                EXIT_PREEMPTED)
+                                why, self.ckpt_dir / "last.pt", state.step, EXIT_PREEMPTED)
                 failed = False          # a clean stop: the next launch resumes this run (and its W&B run)
                 self.preempt.chain()    # submitit: requeue this job with the same config, then exit
                 raise TrainingPreempted(f"preempted at step {state.step}; checkpoint {self.ckpt_dir / 'last.pt'}")
@@ -495,6 +615,7 @@ class TrainRun:
             self.logger.summary({k: v for k, v in summary.items() if not isinstance(v, list)})
             if len(set(fingerprints)) != 1:
                 raise RuntimeError(f"weights differ across ranks at the end of training: {fingerprints}")
+            self.finish_saves()
             self.progress.__exit__(None, None, None)
             if self.info.is_main:
                 images = (state.step - first_step) * self.derived["total_batch"]
@@ -505,6 +626,8 @@ class TrainRun:
             failed = False
             raise
         finally:
+            if self.writer is not None:  # a write in flight completes (and starts its upload) before the uploads end
+                self.writer.wait(raise_error=False)
             self.progress.__exit__(None, None, None)
             self.pictures.close()
             self.uploader.close()
