@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT, TINY, compose_config
+from conftest import TINY, compose_config
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -35,8 +35,9 @@ from focalnet.data import build_loaders
 from focalnet.data.imagegen import write_image_folder
 from focalnet.data.loaders import DeviceLoader
 from focalnet.data.transforms import BatchFinisher
+from focalnet.schema import AugConfig
 
-DEIT = OmegaConf.load(ROOT / "conf" / "aug" / "deit.yaml")
+DEIT = AugConfig()  # aug=deit: conf/aug/deit.yaml takes every value from AugConfig
 
 
 # -- 1. uint8 handover, finished on the device: today's batches bit for bit ------------------------------------
