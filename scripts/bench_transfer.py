@@ -26,8 +26,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from focalnet.data import build_loaders  # noqa: E402
 from focalnet.data.imagegen import write_image_folder  # noqa: E402
 from focalnet.data.loaders import DeviceLoader  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from focalnet.schema import AugConfig  # noqa: E402
 
 
 def bytes_per_step(loader, steps: int) -> tuple[float, float]:
@@ -57,7 +56,7 @@ def main(argv=None) -> int:
         per_class = -(-args.batch_size * args.steps // 4)
         write_image_folder(os.path.join(root, "train"), 4, per_class, size=(320, 240))
         write_image_folder(os.path.join(root, "val"), 4, 1, size=(320, 240), seed=1)
-    aug = OmegaConf.load(os.path.join(REPO, "conf/aug/deit.yaml"))
+    aug = AugConfig()  # aug=deit: conf/aug/deit.yaml takes every value from AugConfig
     common = dict(num_classes=4, img_size=args.img_size, batch_size=args.batch_size, num_workers=1)
     paths = {"data=imagenet1k (folder)": lambda: build_loaders(OmegaConf.create(
         {**common, "name": "folder", "root": root, "val_count": 0}), aug).train}

@@ -154,7 +154,7 @@ def test_preset_composes_with_its_cited_recipe(name, tmp_path):
     # it: a file of the official or Swin code (yaml, config.py, main.py, get_started.md), one of their config keys
     # (_C.TRAIN.EPS, DATA.IMG_SIZE), the paper, a codebase, or the word "assumed" for a marked assumption.
     # Keys that define the run rather than tune it (dataset, fine-tuning source and head, names) are exempt.
-    # Sources are public: nothing users cannot read (no ../shared notes).
+    # Sources are public: nothing users cannot read (no internal notes).
     # The preset and the recipe it builds on (the values the preset does not restate) are both held to this.
     recipe = (CONF / "recipe" / "ft_in1k_focalnet.yaml").read_text()
     for where, source in ((name, text), ("recipe/ft_in1k_focalnet", recipe)):
