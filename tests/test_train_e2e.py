@@ -229,7 +229,7 @@ def test_model_timm_trains_through_train_py_and_evaluates(tmp_path):
 
     run_dir = tmp_path / "run"
     swin = ["model=timm", "model.name=swin_tiny_patch4_window7_224", "model.drop_path_rate=0.1",
-            "model.kwargs={img_size: 32, window_size: 4, embed_dim: 24, depths: [1, 1], num_heads: [1, 2]}"]
+            "++model.kwargs={img_size: 32, window_size: 4, embed_dim: 24, depths: [1, 1], num_heads: [1, 2]}"]
     check(run_train([*swin, f"hydra.run.dir={run_dir}", "trainer.epochs=2", "optimizer.lr=0.01"]))
     last = load_file(run_dir / "checkpoints" / "last.pt")
     reference = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, img_size=32, window_size=4,
