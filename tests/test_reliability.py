@@ -349,7 +349,7 @@ def test_resume_auto_takes_the_newest_intact_checkpoint_and_names_every_bad_file
     path, ckpt = find_resume_checkpoint("auto", tmp_path)
     assert path.name == "epoch_1.pt" and ckpt["step"] == 8 and "last.pt is corrupt" in caplog.text
 
-    (ck / "epoch_1.pt").write_bytes(os.urandom(4096))  # random bytes
+    (ck / "epoch_1.pt").write_bytes(b"\x80" + os.urandom(4095))  # random bytes, first a pickle's opcode
     (ck / "best.pt").unlink()
     with pytest.raises(CheckpointError) as e:
         find_resume_checkpoint("auto", tmp_path)
