@@ -90,7 +90,8 @@ def test_bench_train_reports_the_overhead():
         bare = rows["bare" + name[name.index(" "):]]
         assert_ratio(wall_ratio, wall, bare[0])
         assert_ratio(cpu_ratio, cpu, bare[2])
-    basis, overhead = re.search(r"overhead of our loop \((CPU time|wall)\): ([\d.]+)%", out).groups()
+    # negative when our loop measured faster than the bare one (timing noise on a quiet machine)
+    basis, overhead = re.search(r"overhead of our loop \((CPU time|wall)\): (-?[\d.]+)%", out).groups()
     column = 3 if basis == "CPU time" else 1
     worst = 1 - min(float(rows[n][column]) for n in ("ours (no clip)", "ours (clip 5.0)"))
     assert abs(float(overhead) - 100 * worst) <= 0.1 + 0.05  # from 3-decimal ratios, printed to 0.1%

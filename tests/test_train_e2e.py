@@ -155,7 +155,9 @@ def test_resume_after_sigterm_then_sigkill_mid_epoch_is_bitwise_exact(tmp_path, 
     resumed = [m["resumed_from_step"] for m in read_metrics(run_dir) if "resumed_from_step" in m]
     killed_at = max(m["step"] for m in read_metrics(run_dir))
     saved_before_kill = load_file(run_dir / "checkpoints" / "last.pt")
-    assert resumed == [7] and killed_at == 23
+    # parked after update 23 (the pause hook); metrics reach the file at host checks, so the last logged step
+    # may trail it, but it is past the save at update 20: the kill lands mid-epoch after a save
+    assert resumed == [7] and 20 < killed_at <= 23
     assert saved_before_kill["step"] == 20 and saved_before_kill["batch_in_epoch"] == 4  # inside epoch 1
 
     check(run_train([*RESUME, f"hydra.run.dir={run_dir}", wandb_on]))
@@ -164,7 +166,8 @@ def test_resume_after_sigterm_then_sigkill_mid_epoch_is_bitwise_exact(tmp_path, 
     final = load_file(run_dir / "checkpoints" / "last.pt")
     assert_same_training_state(final, reference_run)
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 3 and {wandb_summary(r)["run_id"] for r in runs} == {saved["wandb_id"]} == {final["wandb_id"]}
+    ids = {wandb_summary(r)["run_id"] for r in runs} - {""}  # the SIGKILLed launch may not have flushed its run record
+    assert len(runs) == 3 and ids == {saved["wandb_id"]} == {final["wandb_id"]}
 
 
 # -- multi-process, sweeps, CLI errors --------------------------------------------------------------------
@@ -226,7 +229,7 @@ def test_model_timm_trains_through_train_py_and_evaluates(tmp_path):
 
     run_dir = tmp_path / "run"
     swin = ["model=timm", "model.name=swin_tiny_patch4_window7_224", "model.drop_path_rate=0.1",
-            "model.kwargs={img_size: 32, window_size: 4, embed_dim: 24, depths: [1, 1], num_heads: [1, 2]}"]
+            "++model.kwargs={img_size: 32, window_size: 4, embed_dim: 24, depths: [1, 1], num_heads: [1, 2]}"]
     check(run_train([*swin, f"hydra.run.dir={run_dir}", "trainer.epochs=2", "optimizer.lr=0.01"]))
     last = load_file(run_dir / "checkpoints" / "last.pt")
     reference = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, img_size=32, window_size=4,

@@ -170,12 +170,19 @@ def verify_file(path: str | os.PathLike) -> None:
                               f"(damaged on disk)") from None
 
 
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
 def load_file(path: str | os.PathLike, map_location="cpu", verify: bool = True) -> dict:
     """``torch.load(path, weights_only=True)`` after :func:`verify_file` (for zip files; the legacy format of
     some released ``.pth`` files has no checksums); errors name the path."""
     with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic[:1] != b"\x80" and magic != b"PK":  # neither torch's zip format nor its legacy pickle format
+        head = f.read(32)
+    magic = head[:2]
+    # torch's zip format starts "PK"; its legacy format is a pickle whose first object is torch's magic number
+    # (torch/serialization.py MAGIC_NUMBER), pickled as an 11-byte long right after the protocol header.
+    legacy = head[:1] == b"\x80" and _LEGACY_MAGIC in head
+    if magic != b"PK" and not legacy:
         raise CheckpointError(f"{path} is corrupt: not a torch.save file (empty, truncated or overwritten)")
     if verify and magic == b"PK":
         verify_file(path)
@@ -267,6 +274,11 @@ class CheckpointWriter:
 
     def failed(self) -> bool:
         return self._error is not None
+
+    def join(self) -> None:
+        """Block until the write in flight has finished, leaving any error of it for :meth:`submit`/:meth:`wait`."""
+        if self._thread is not None:
+            self._thread.join()
 
     def wait(self, raise_error: bool = True) -> None:
         """Block until the write in flight is complete; raise its error (or log it, ``raise_error=False``)."""

@@ -514,7 +514,10 @@ class TrainRun:
         """Test hook (``FOCALNET_PAUSE_AT_STEP``): park this rank after update ``step`` until a preemption signal
         arrives, so tests signal or kill a run at an exact step instead of polling for it. Each rank first
         writes ``$FOCALNET_PAUSE_FILE.rank<r>`` (its pid) to say it is parked; ``FOCALNET_PAUSE_TIMEOUT``
-        (default 600 s) bounds the wait."""
+        (default 600 s) bounds the wait. A checkpoint write in flight finishes first, so what is on disk when a
+        test kills the parked run is known (the last save before ``step``)."""
+        if self.writer is not None:
+            self.writer.join()
         if marker := os.environ.get("FOCALNET_PAUSE_FILE"):
             tmp = Path(f"{marker}.rank{self.info.rank}.tmp")
             tmp.write_text(str(os.getpid()))
