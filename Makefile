@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 DEBIAN_DEPS := pkg-config libturbojpeg0-dev libopencv-dev curl
 PYTEST_ARGS ?= -m "not slow"
-export OMP_NUM_THREADS ?= 2
+# Tests run in parallel, one file per worker (pytest-xdist; a module's fixtures are built once). Two workers
+# keep both cores of a 2-core machine busy while the other waits on a subprocess; PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= 2
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: help install test test-all lint bench demo clean
 
@@ -33,7 +36,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 test: install ## the fast tests (PYTEST_ARGS=... to choose)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: ## the fast and the slow (end-to-end) tests, as CI runs them
 	$(MAKE) test PYTEST_ARGS="-m 'slow or not slow'"

@@ -6,6 +6,7 @@ pipeline's batches); the rest compile several FFCV pipelines with numba and are 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -108,7 +109,7 @@ def test_write_read_round_trip_keeps_exact_labels(betons):
 @pytest.mark.parametrize("test_crop", [True, False])
 def test_every_shipped_pipeline_constructs_and_runs(betons, test_crop):
     _, out = betons
-    aug = OmegaConf.merge(DEIT, {"test_crop": test_crop})
+    aug = dataclasses.replace(DEIT, test_crop=test_crop)
     loaders = build_loaders(ffcv_cfg(out, num_workers=1), aug, seed=1)  # val: resize + crop, or squash
     for loader in (loaders.train, loaders.val):
         loader.set_epoch(0)

@@ -254,7 +254,7 @@ def test_digits_ffcv_variant_is_written_once_and_learns(tmp_path):
             if "val/top1" in line]
     assert vals[-1]["val/count"] == 359 and vals[-1]["val/top1"] >= 50.0, vals
     stamp = (cache / "digits_ffcv" / "train.beton").stat().st_mtime_ns
-    proc = subprocess.run([*cmd, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run2'}"], cwd=ROOT,
+    proc = subprocess.run([*cmd, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run2'}"], cwd=ROOT,
                           env=train_env(FOCALNET_CACHE=str(cache)), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert (cache / "digits_ffcv" / "train.beton").stat().st_mtime_ns == stamp  # cached, not rewritten
