@@ -180,6 +180,8 @@ class ShardData(_ImageFiles, DataConfig):
     """``data=wds|imagenet1k_wds|imagenet22k_wds``: webdataset tar shards written by scripts/write_shards.py, in
     a directory or behind a URL (``focalnet.data.shards``)."""
 
+    jpeg_draft: bool = False                          # as for folders (PhotoFolderData): JPEG training crops
+    #                                                   decoded at 1/2..1/8 scale when that much larger
     train_split: str = "train"                        # reads <root>/<split>.json + <split>.idx.npy
     #                                                   (streaming: also a brace pattern of shards)
     val_split: str = "val"
