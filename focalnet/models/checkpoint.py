@@ -240,31 +240,34 @@ def convert_timm_to_official(sd: Mapping[str, torch.Tensor]) -> dict:
 
 # transformers' FocalNetForImageClassification names (transformers models/focalnet/modeling_focalnet.py; the same
 # mapping as its convert_focalnet_to_hf_format.py): the official tensors under other names, same shapes.
-# (official regex, transformers replacement) for the inner names; the model's own prefix is `focalnet.`.
-_TRANSFORMERS_NAMES = [
-    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
-    (r"^patch_embed\.norm\.", "embeddings.norm."),
-    (r"^layers\.(\d+)\.blocks\.", r"encoder.stages.\1.layers."),
-    (r"^layers\.(\d+)\.downsample\.proj\.", r"encoder.stages.\1.downsample.projection."),
-    (r"^layers\.(\d+)\.downsample\.norm\.", r"encoder.stages.\1.downsample.norm."),
-    (r"\.modulation\.f\.", ".modulation.projection_in."),
-    (r"\.modulation\.h\.", ".modulation.projection_context."),
-    (r"\.modulation\.proj\.", ".modulation.projection_out."),
-    (r"\.modulation\.ln\.", ".modulation.layernorm."),
-    (r"^norm\.", "layernorm."),
+# The inner names, official <-> transformers, as plain text ("^": at the start, "{i}": a stage index); the model's
+# own prefix is `focalnet.`.
+_TRANSFORMERS_PAIRS = [
+    ("^patch_embed.proj.", "embeddings.patch_embeddings.projection."),
+    ("^patch_embed.norm.", "embeddings.norm."),
+    ("^layers.{i}.blocks.", "encoder.stages.{i}.layers."),
+    ("^layers.{i}.downsample.proj.", "encoder.stages.{i}.downsample.projection."),
+    ("^layers.{i}.downsample.norm.", "encoder.stages.{i}.downsample.norm."),
+    (".modulation.f.", ".modulation.projection_in."),
+    (".modulation.h.", ".modulation.projection_context."),
+    (".modulation.proj.", ".modulation.projection_out."),
+    (".modulation.ln.", ".modulation.layernorm."),
+    ("^norm.", "layernorm."),
 ]
-_TRANSFORMERS_BACK = [
-    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^embeddings\.norm\.", "patch_embed.norm."),
-    (r"^encoder\.stages\.(\d+)\.layers\.", r"layers.\1.blocks."),
-    (r"^encoder\.stages\.(\d+)\.downsample\.projection\.", r"layers.\1.downsample.proj."),
-    (r"^encoder\.stages\.(\d+)\.downsample\.norm\.", r"layers.\1.downsample.norm."),
-    (r"\.modulation\.projection_in\.", ".modulation.f."),
-    (r"\.modulation\.projection_context\.", ".modulation.h."),
-    (r"\.modulation\.projection_out\.", ".modulation.proj."),
-    (r"\.modulation\.layernorm\.", ".modulation.ln."),
-    (r"^layernorm\.", "norm."),
-]
+
+
+def _rename_rules(pairs, backward: bool = False) -> list[tuple[str, str]]:
+    """(regex, replacement) pairs that rename the left names of ``pairs`` to the right ones (or back)."""
+    rules = []
+    for official, transformers in pairs:
+        anchor = "^" if official.startswith("^") else ""
+        src, dst = (transformers, official[len(anchor):]) if backward else (official[len(anchor):], transformers)
+        rules.append((anchor + re.escape(src).replace(re.escape("{i}"), r"(\d+)"), dst.replace("{i}", r"\1")))
+    return rules
+
+
+_TRANSFORMERS_NAMES = _rename_rules(_TRANSFORMERS_PAIRS)
+_TRANSFORMERS_BACK = _rename_rules(_TRANSFORMERS_PAIRS, backward=True)
 
 
 def is_transformers_format(sd: Mapping[str, torch.Tensor]) -> bool:
