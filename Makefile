@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 DEBIAN_DEPS := pkg-config libturbojpeg0-dev libopencv-dev curl
 PYTEST_ARGS ?= -m "not slow"
-# Tests run in parallel, one file per worker (pytest-xdist; a module's fixtures are built once). Two workers
-# keep both cores of a 2-core machine busy while the other waits on a subprocess; PYTEST_WORKERS=0 runs serially.
+# Tests run in parallel, one file per worker (pytest-xdist --dist loadfile: a module's fixtures are built once).
+# Two workers with one torch thread each keep a 2-core machine busy without oversubscribing it; PYTEST_WORKERS=0
+# runs serially.
 PYTEST_WORKERS ?= 2
 export OMP_NUM_THREADS ?= 1
 
