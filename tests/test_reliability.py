@@ -331,6 +331,18 @@ def _training_ckpt(step: int) -> dict:
             "step": step, "epoch": 0, "batch_in_epoch": step, "rng": [{}], "config": {}, "best_metric": None}
 
 
+def test_legacy_torch_files_load_and_pickle_like_garbage_is_corrupt(tmp_path):
+    """torch's legacy (non-zip) format still loads; bytes that merely start like a pickle are a damaged file, not
+    a refused pickle (torch's magic number must follow the pickle header)."""
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.arange(3.0)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_file(legacy)["w"], torch.arange(3.0))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x80\x02" + bytes(range(256)) * 8)
+    with pytest.raises(CheckpointError, match=f"{garbage} is corrupt: not a torch.save file"):
+        load_file(garbage)
+
+
 def test_resume_auto_takes_the_newest_intact_checkpoint_and_names_every_bad_file(tmp_path, caplog):
     ck = tmp_path / "checkpoints"
     save_atomic(_training_ckpt(8), ck / "last.pt")
