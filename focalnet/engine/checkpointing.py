@@ -170,7 +170,8 @@ def verify_file(path: str | os.PathLike) -> None:
                               f"(damaged on disk)") from None
 
 
-_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+# torch.serialization.MAGIC_NUMBER as pickled at the start of a legacy file (without the protocol header and STOP)
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]
 
 
 def load_file(path: str | os.PathLike, map_location="cpu", verify: bool = True) -> dict:
@@ -179,8 +180,7 @@ def load_file(path: str | os.PathLike, map_location="cpu", verify: bool = True) 
     with open(path, "rb") as f:
         head = f.read(32)
     magic = head[:2]
-    # torch's zip format starts "PK"; its legacy format is a pickle whose first object is torch's magic number
-    # (torch/serialization.py MAGIC_NUMBER), pickled as an 11-byte long right after the protocol header.
+    # torch's zip format starts "PK"; its legacy format is a pickle whose first object is torch's magic number.
     legacy = head[:1] == b"\x80" and _LEGACY_MAGIC in head
     if magic != b"PK" and not legacy:
         raise CheckpointError(f"{path} is corrupt: not a torch.save file (empty, truncated or overwritten)")
