@@ -12,10 +12,10 @@ PYTEST_ARGS ?= -m "not slow"
 PYTEST_WORKERS ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help install test test-all lint bench demo clean
+.PHONY: help install test test-all test-under-load lint bench demo clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv and install this checkout (editable) with every extra; quick when nothing changed
 
@@ -41,6 +41,9 @@ test: install ## the fast tests (PYTEST_ARGS=... to choose)
 
 test-all: ## the fast and the slow (end-to-end) tests, as CI runs them
 	$(MAKE) test PYTEST_ARGS="-m 'slow or not slow'"
+
+test-under-load: install ## the tests that signal, kill or race processes, 3x beside a CPU hog (RUNS=, HOGS=)
+	bash scripts/tests_under_load.sh
 
 lint: install ## ruff
 	$(BIN)/ruff check focalnet data scripts tests train.py eval.py

@@ -35,8 +35,9 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 README = ROOT / "README.md"
-BLOCK = re.compile(r"(?:<!--\s*readme-test:\s*(?P<marker>.*?)\s*-->\s*\n)?```(?P<lang>[a-z]*)\n(?P<body>.*?)```",
-                   re.S)
+# Fences start a line: a paragraph that quotes ```` ```bash ```` or the marker in backticks is not a block.
+BLOCK = re.compile(r"(?:^<!--\s*readme-test:\s*(?P<marker>.*?)\s*-->\s*\n)?^```(?P<lang>[a-z]*)\n(?P<body>.*?)^```",
+                   re.S | re.M)
 MODES = ("run", "compose", "dry", "python", "skip")
 # The pip-installed commands run the checkout's entry points (focalnet.cli); tests/test_packaging.py runs them.
 INSTALLED = {"focalnet-train": "train.py", "focalnet-eval": "eval.py"}
