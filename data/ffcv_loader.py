@@ -453,8 +453,14 @@ class FFCVEpochLoader:
                 self.outputs.busy.discard(out)
 
     def close(self) -> None:
+        """Stop the pool: queued tasks are cancelled, busy workers finish their task (a slice of one batch), and
+        this returns once the pool's processes and manager thread are gone. Not returning earlier matters at exit:
+        Python 3.11's exit hook writes to a live executor's wake-up pipe without a lock while the manager thread
+        may be closing it, which prints "OSError: [Errno 9] Bad file descriptor" after a clean stop (3.11's
+        ``_ThreadWakeup.wakeup``; python/cpython PR #125492 later put a lock around it). The exit hook would wait
+        for the same processes anyway."""
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)  # idle workers exit; busy ones after their task
+            self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
     def __del__(self):

@@ -207,6 +207,34 @@ def test_too_little_shared_memory_fails_before_work_starts(betons, tmp_path, mon
 
 
 @pytest.mark.slow
+def test_close_returns_once_the_pool_is_gone_so_the_exit_hook_cannot_race_it(betons):
+    """Python 3.11's exit hook (``concurrent.futures.process._python_exit``) writes to every live executor's
+    wake-up pipe without a lock, while that executor's manager thread may be closing the pipe: "OSError: [Errno 9]
+    Bad file descriptor" printed at exit after a clean stop (3.11's ``_ThreadWakeup.wakeup``; python/cpython
+    PR #125492 later put a lock around it). It showed as a traceback after "exiting with code 75" in
+    test_reliability's FFCV signal-storm test on a loaded machine. So ``close()`` waits until the pool's manager
+    thread and processes are gone."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import process as futures_process
+
+    _, out = betons
+    before = set(multiprocessing.active_children())
+    loaders = build_loaders(ffcv_cfg(out, num_workers=2, batch_size=1), DEIT)
+    pool = set(multiprocessing.active_children()) - before
+    assert len(pool) == 4  # train and val: 2 each
+    loaders.train.set_epoch(0)
+    it = iter(loaders.train)
+    next(it)
+    it.close()  # an epoch abandoned mid-way, as when a stop signal ends training
+    loaders.train.close()
+    loaders.val.close()
+    managers = [t for t in threading.enumerate() if isinstance(t, futures_process._ExecutorManagerThread)]
+    assert managers == [] and not any(p.is_alive() for p in pool)
+    assert all(w._closed for w in futures_process._threads_wakeups.values())  # nothing left for the hook to write to
+
+
+@pytest.mark.slow
 def test_a_killed_augmentation_process_raises_instead_of_hanging(betons):
     import multiprocessing
     import signal
