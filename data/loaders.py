@@ -47,6 +47,13 @@ class Loaders:
     num_classes: int
     info: dict[str, Any] = field(default_factory=dict)
 
+    def close(self) -> None:
+        """Stop what the loaders run beside the training process (the FFCV augmentation pools), before the
+        interpreter's exit hooks run; a torch ``DataLoader`` stops its workers itself."""
+        for loader in (self.train, self.val):
+            if callable(close := getattr(loader, "close", None)):
+                close()
+
 
 # What SLURM (scancel, time limit, preemption), systemd and a terminal's Ctrl-C send to every process of a job.
 JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)

@@ -633,6 +633,7 @@ class TrainRun:
                 self.writer.wait(raise_error=False)
             self.progress.__exit__(None, None, None)
             self.pictures.close()
+            self.loaders.close()
             self.uploader.close()
             self.logger.close(failed=failed)
             self.lock.release()
