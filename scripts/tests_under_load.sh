@@ -28,7 +28,7 @@ for _ in $(seq 1 "$HOGS"); do
   hogs+=($!)
 done
 trap 'kill "${hogs[@]}" 2>/dev/null' EXIT
-export TESTS_UNDER_LOAD_HOGS="${hogs[*]}"  # (tests/test_makefile.py checks that they are busy)
+export TESTS_UNDER_LOAD_HOGS="${hogs[*]}"  # tests/test_tests_under_load.py checks they burn CPU
 
 echo "$RUNS runs beside $HOGS CPU hog(s), $WORKERS workers; logs in $LOG_DIR"
 failed=0
