@@ -206,6 +206,21 @@ def test_too_little_shared_memory_fails_before_work_starts(betons, tmp_path, mon
     build_loaders(ffcv_cfg(out, num_workers=0), DEIT)  # no pool, no shared memory: fine
 
 
+def pools_mid_epoch(out):
+    """FFCV loaders with 2 augmentation processes each (batches of 1, 12 per epoch), the 4 processes they forked,
+    and the train loader's epoch-0 iterator after its first batch."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    loaders = build_loaders(ffcv_cfg(out, num_workers=2, batch_size=1), DEIT)
+    pool = set(multiprocessing.active_children()) - before  # the augmentation processes the loaders forked
+    assert len(pool) == 4  # train and val: 2 each
+    loaders.train.set_epoch(0)
+    it = iter(loaders.train)
+    next(it)
+    return loaders, pool, it
+
+
 @pytest.mark.slow
 def test_close_returns_once_the_pool_is_gone_so_the_exit_hook_cannot_race_it(betons):
     """Python 3.11's exit hook (``concurrent.futures.process._python_exit``) writes to every live executor's
@@ -214,18 +229,10 @@ def test_close_returns_once_the_pool_is_gone_so_the_exit_hook_cannot_race_it(bet
     PR #125492 later put a lock around it). It showed as a traceback after "exiting with code 75" in
     test_reliability's FFCV signal-storm test on a loaded machine. So ``close()`` waits until the pool's manager
     thread and processes are gone."""
-    import multiprocessing
     import threading
     from concurrent.futures import process as futures_process
 
-    _, out = betons
-    before = set(multiprocessing.active_children())
-    loaders = build_loaders(ffcv_cfg(out, num_workers=2, batch_size=1), DEIT)
-    pool = set(multiprocessing.active_children()) - before
-    assert len(pool) == 4  # train and val: 2 each
-    loaders.train.set_epoch(0)
-    it = iter(loaders.train)
-    next(it)
+    loaders, pool, it = pools_mid_epoch(betons[1])
     it.close()  # an epoch abandoned mid-way, as when a stop signal ends training
     loaders.train.close()
     loaders.val.close()
@@ -236,19 +243,11 @@ def test_close_returns_once_the_pool_is_gone_so_the_exit_hook_cannot_race_it(bet
 
 @pytest.mark.slow
 def test_a_killed_augmentation_process_raises_instead_of_hanging(betons):
-    import multiprocessing
     import signal
 
     from focalnet.data.ffcv_loader import AHEAD, QUEUED
 
-    _, out = betons
-    before = set(multiprocessing.active_children())
-    loaders = build_loaders(ffcv_cfg(out, num_workers=2, batch_size=1), DEIT)  # 12 batches of 1
-    pool = set(multiprocessing.active_children()) - before  # the augmentation processes the loaders forked
-    assert len(pool) == 4  # train and val: 2 each
-    loaders.train.set_epoch(0)
-    it = iter(loaders.train)
-    next(it)
+    loaders, pool, it = pools_mid_epoch(betons[1])
     # The feeder thread is at most QUEUED + 1 finished batches and AHEAD batches in the pool ahead of us: the
     # rest of the epoch is handed to the pool after this.
     assert len(loaders.train) > 1 + QUEUED + 1 + AHEAD

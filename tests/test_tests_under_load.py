@@ -34,8 +34,9 @@ def test_hogs_are_burning_cpu():
 
 def test_second_run_fails():
     counter = Path(os.environ["PROBE_COUNTER"])
-    counter.write_text(str(int(counter.read_text() or 0) + 1) if counter.exists() else "1")
-    assert counter.read_text() != "2"
+    run = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(run))
+    assert run != 2
 '''
 
 
