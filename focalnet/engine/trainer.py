@@ -133,7 +133,13 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 class _PreemptFlag:
     """Sets a flag on SIGTERM/SIGINT/SIGUSR1/SIGUSR2; the loop acts on it between updates (never inside a
-    handler). Later signals only set it again: a second Ctrl-C or SIGTERM cannot interrupt the save."""
+    handler). Later signals only set it again: a second Ctrl-C or SIGTERM cannot interrupt the save.
+
+    The first signal handled decides: the log names it and :meth:`chain` passes it on. CPython runs the handlers
+    of signals pending together in signal-number order (SIGINT 2, SIGUSR1 10, SIGUSR2 12, SIGTERM 15 on Linux),
+    so when two arrive while the main thread waits for the GIL, the lower-numbered one decides. Schedulers space
+    their signals far apart (SLURM ``--signal=USR2@90`` comes 90 s before SIGTERM), so this only shows when a
+    person or a test sends two at once."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -147,7 +153,7 @@ class _PreemptFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is None:  # the first one decides; os.write: the logging lock may be held by the loop
+        if self.signum is None:  # the first handled decides; os.write: the logging lock may be held by the loop
             self.signum = signum
             os.write(2, f"\n{signal.Signals(signum).name} received: finishing the current update, then saving "
                         f"checkpoints/last.pt and exiting with code {EXIT_PREEMPTED}\n".encode())
