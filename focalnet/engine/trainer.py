@@ -137,9 +137,9 @@ class _PreemptFlag:
 
     The first signal handled decides: the log names it and :meth:`chain` passes it on. CPython runs the handlers
     of signals pending together in signal-number order (SIGINT 2, SIGUSR1 10, SIGUSR2 12, SIGTERM 15 on Linux),
-    so when two arrive while the main thread waits for the GIL, the lower-numbered one decides. Schedulers space
-    their signals far apart (SLURM ``--signal=USR2@90`` comes 90 s before SIGTERM), so this only shows when a
-    person or a test sends two at once."""
+    so when two arrive while the main thread waits for the GIL, the lower-numbered one decides, whatever their
+    arrival order. For a SLURM job that gets SIGUSR2 and SIGTERM together, that is SIGUSR2: submitit's
+    requeue handler is the one chained."""
 
     def __init__(self):
         self.signum: int | None = None
