@@ -223,12 +223,9 @@ def pools_mid_epoch(out):
 
 @pytest.mark.slow
 def test_close_returns_once_the_pool_is_gone_so_the_exit_hook_cannot_race_it(betons):
-    """Python 3.11's exit hook (``concurrent.futures.process._python_exit``) writes to every live executor's
-    wake-up pipe without a lock, while that executor's manager thread may be closing the pipe: "OSError: [Errno 9]
-    Bad file descriptor" printed at exit after a clean stop (3.11's ``_ThreadWakeup.wakeup``; python/cpython
-    PR #125492 later put a lock around it). It showed as a traceback after "exiting with code 75" in
-    test_reliability's FFCV signal-storm test on a loaded machine. So ``close()`` waits until the pool's manager
-    thread and processes are gone."""
+    """The exit race of ``FFCVEpochLoader.close`` (Python 3.11's exit hook and the pool's manager thread; it
+    showed as a traceback after "exiting with code 75" in test_reliability's FFCV signal-storm test on a loaded
+    machine): ``close()`` returns once the pool's manager thread and processes are gone."""
     import threading
     from concurrent.futures import process as futures_process
 

@@ -65,9 +65,8 @@ def stop_with_signal_storm(proc: subprocess.Popen, first: signal.Signals, log: P
     and SIGTERM every 20 ms until the job exits: the save must survive a user hammering Ctrl-C and a cluster
     repeating its stop signal.
 
-    The storm waits for that line because CPython runs the handlers of signals pending together in signal-number
-    order, not arrival order: a SIGINT sent 20 ms after SIGUSR2, while the busy main thread waits for the GIL, is
-    handled first (seen in CI), and the run rightly reports the SIGINT."""
+    The storm waits for that line: signals pending together are handled in signal-number order, not arrival
+    order (``_PreemptFlag``), so an early SIGINT could be the one the run rightly reports (seen in CI)."""
     os.killpg(proc.pid, first)
     deadline = time.time() + timeout
     while f"{first.name} received" not in log.read_text() and proc.poll() is None and time.time() < deadline:
